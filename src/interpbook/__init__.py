@@ -1,0 +1,22 @@
+"""interpbook: helpers for the executable textbook *Interpretability of Large Language Models*.
+
+The chapters call a small, tested API::
+
+    import interpbook as ib
+    model = ib.load_model()                      # SmolLM2-135M-Instruct, offline
+    run = model.run("The Eiffel Tower is in the city of", cache="resid_post")
+    run.cache["resid_post", 12]                  # [batch, pos, d_model]
+"""
+
+from .anatomy import SITES, Anatomy, anatomy_for
+from .lenses import logit_lens, top_tokens
+from .lm import Model, Run
+from .models import describe_models, load_model
+from .tracing import ActivationCache, Edit, StopForward, Trace, ablate, edit, patch, steer
+
+__all__ = [
+    "SITES", "Anatomy", "anatomy_for", "logit_lens", "top_tokens", "Model", "Run",
+    "describe_models", "load_model", "ActivationCache", "Edit", "StopForward", "Trace",
+    "ablate", "edit", "patch", "steer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The :class:`Model` the chapters work with: a Hugging Face causal LM, its tokenizer and
+its anatomy, with tokenisation helpers and traced forward passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .anatomy import Anatomy, anatomy_for
+from .tracing import ActivationCache, Edit, SiteSpec, Trace
+
+Prompts = str | Sequence[str] | torch.Tensor | dict
+
+
+@dataclass
+class Run:
+    """The result of :meth:`Model.run`: logits ``[batch, pos, vocab]`` (None when the pass
+    stopped early), the recorded activations, and the tokens that went in (left-padded)."""
+
+    logits: torch.Tensor | None
+    cache: ActivationCache
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def last_logits(self) -> torch.Tensor:
+        """Logits at each prompt's final token ``[batch, vocab]`` (left padding puts it at -1)."""
+        return self.logits[:, -1]
+
+
+class Model:
+    """A causal LM ready for interpretability work.
+
+    ``hf`` is the native Hugging Face model (its forward pass is never re-implemented),
+    ``tokenizer`` pads on the left so that position -1 is every prompt's last token, and
+    ``anatomy`` names sites and weights (:mod:`interpbook.anatomy`).
+    """
+
+    def __init__(self, hf, tokenizer, name: str | None = None):
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.name = name or hf.config.name_or_path
+        self.anatomy: Anatomy = anatomy_for(hf)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    def __repr__(self) -> str:
+        a = self.anatomy
+        return (f"Model({self.name!r}: {a.family}, {a.n_layers} layers, d_model={a.d_model}, "
+                f"{a.n_heads} heads ({a.n_kv_heads} KV) of {a.d_head}, d_mlp={a.d_mlp}, vocab={a.d_vocab})")
+
+    # shortcuts to the shapes every chapter quotes
+    n_layers = property(lambda self: self.anatomy.n_layers)
+    n_heads = property(lambda self: self.anatomy.n_heads)
+    d_model = property(lambda self: self.anatomy.d_model)
+    d_head = property(lambda self: self.anatomy.d_head)
+    d_mlp = property(lambda self: self.anatomy.d_mlp)
+    d_vocab = property(lambda self: self.anatomy.d_vocab)
+
+    @property
+    def device(self) -> torch.device:
+        return self.anatomy.W_E.device
+
+    # --- tokens ------------------------------------------------------------------------
+    def tokenize(self, prompts: Prompts) -> dict:
+        """``input_ids`` and ``attention_mask`` for one prompt or a batch (left-padded)."""
+        if isinstance(prompts, dict):
+            ids, mask = prompts["input_ids"], prompts.get("attention_mask")
+        elif isinstance(prompts, torch.Tensor):
+            ids, mask = prompts, None
+        else:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise TypeError("Prompts must be a string, a non-empty list of strings, or a tensor of token ids.")
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"Token ids must be [batch, pos] with at least one position; got shape {tuple(ids.shape)}.")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def to_str_tokens(self, text: str) -> list[str]:
+        """The tokens of ``text`` as strings (how the model sees it)."""
+        ids = self.tokenizer(text)["input_ids"]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def token_id(self, text: str) -> int:
+        """The id of ``text`` when it is exactly one token (e.g. ``" Paris"``), else an error."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise ValueError(
+                f"{text!r} is {len(ids)} tokens {pieces}, not one. Use a single-token string "
+                "(mind the leading space: ' Paris' vs 'Paris') or compare the first token.")
+        return ids[0]
+
+    def chat_prompt(self, user: str, answer_prefix: str = "") -> str:
+        """``user`` wrapped in the model's chat template, with the assistant's answer begun
+        by ``answer_prefix`` (useful for instruction-tuned models such as SmolLM2)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return f"{user}\n{answer_prefix}"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        return text + answer_prefix
+
+    # --- forward passes ----------------------------------------------------------------
+    def trace(self, *, cache: SiteSpec | None = None, edits: Sequence[Edit] = (),
+              stop_early: bool = False, grad: bool = False) -> Trace:
+        """A :class:`~interpbook.tracing.Trace` on this model, for forward passes you make."""
+        return Trace(self.anatomy, cache=cache, edits=edits, stop_early=stop_early, grad=grad)
+
+    def forward_inputs(self, prompts: Prompts) -> dict:
+        """Keyword arguments for ``self.hf``: tokens, mask, and positions that skip padding."""
+        enc = self.tokenize(prompts)
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return {**enc, "position_ids": positions}
+
+    def run(self, prompts: Prompts, *, cache: SiteSpec | None = None, edits: Sequence[Edit] = (),
+            stop_early: bool = False, grad: bool = False) -> Run:
+        """One forward pass: record ``cache`` sites, apply ``edits``, return a :class:`Run`.
+
+        ``model.run("The Eiffel Tower is in", cache="resid_post").cache["resid_post", 5]``
+        """
+        inputs = self.forward_inputs(prompts)
+        tr = self.trace(cache=cache, edits=edits, stop_early=stop_early, grad=grad)
+        logits = None
+        with torch.set_grad_enabled(grad), tr:
+            logits = self.hf(**inputs, use_cache=False).logits
+        return Run(logits, tr.cache, inputs["input_ids"], inputs["attention_mask"])
+
+    def logits(self, prompts: Prompts, **kwargs) -> torch.Tensor:
+        """Next-token logits at the last position ``[batch, vocab]``."""
+        return self.run(prompts, **kwargs).last_logits
+
+    def generate(self, prompt: str, max_new_tokens: int = 20, *, edits: Sequence[Edit] = (),
+                 do_sample: bool = False, temperature: float = 1.0, seed: int | None = 0) -> str:
+        """Continue ``prompt`` (greedy by default, or sampled with ``temperature``) and return
+        only the new text. Edits that name positions act on the prompt pass only."""
+        inputs = self.forward_inputs(prompt)
+        inputs.pop("position_ids")
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+        with torch.no_grad(), self.trace(edits=edits):
+            out = self.hf.generate(**inputs, max_new_tokens=max_new_tokens,
+                                   pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
