@@ -177,6 +177,14 @@ class Anatomy:
             return self.qkv_point(site, layer)
         raise KeyError(site)
 
+    def post_attn_norm(self, layer: int) -> nn.Module:
+        """Norm applied to the attention output before it joins the residual (Gemma)."""
+        return nn.Identity()
+
+    def post_mlp_norm(self, layer: int) -> nn.Module:
+        """Norm applied to the MLP output before it joins the residual (Gemma)."""
+        return nn.Identity()
+
     def attn_out_point(self, layer: int) -> HookPoint:
         return HookPoint(self.attn(layer), "out", index=0)
 
@@ -321,12 +329,14 @@ class Gemma3Anatomy(LlamaAnatomy):
     family = "gemma3"
 
     def ln2(self, layer): return self.layers()[layer].pre_feedforward_layernorm
+    def post_attn_norm(self, layer): return self.layers()[layer].post_attention_layernorm
+    def post_mlp_norm(self, layer): return self.layers()[layer].post_feedforward_layernorm
 
     def attn_out_point(self, layer):
-        return HookPoint(self.layers()[layer].post_attention_layernorm, "out")
+        return HookPoint(self.post_attn_norm(layer), "out")
 
     def mlp_out_point(self, layer):
-        return HookPoint(self.layers()[layer].post_feedforward_layernorm, "out")
+        return HookPoint(self.post_mlp_norm(layer), "out")
 
     @property
     def embed_scale(self):
