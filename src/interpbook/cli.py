@@ -1,0 +1,158 @@
+"""The ``interpbook`` command: build the book, run or export a chapter, list the models.
+
+::
+
+    interpbook build                    # the whole book into _build/html
+    interpbook build --chapter 01-introduction   # front matter + one chapter
+    interpbook run 01-introduction      # execute a chapter's pages into .ipynb with outputs
+    interpbook export 01-introduction   # starter notebooks (no solutions, no outputs)
+    interpbook models                   # the model registry: installed, cached, how to install
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import starters
+
+CHAPTERS_ENV = "INTERPBOOK_CHAPTERS"
+"""Comma-separated chapter folders to build; unset builds every chapter (read by book/conf.py)."""
+
+_IPROGRESS_FILTER = "ignore:IProgress not found:Warning"
+
+
+def kernel_environment() -> None:
+    """Prepare ``os.environ`` for executing book pages (the kernels inherit it).
+
+    * ``MPLBACKEND`` (e.g. ``Agg`` set by CI) makes the inline backend silently drop
+      every figure, so it is removed.
+    * tqdm's "IProgress not found" warning (transformers imports ``tqdm.auto``) and
+      progress bars would otherwise print onto the pages as stderr output.
+    """
+    os.environ.pop("MPLBACKEND", None)
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    if _IPROGRESS_FILTER not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join([*filters, _IPROGRESS_FILTER])
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+def _pages(target: str, book_dir: Path) -> list[Path]:
+    """Pages named by a chapter folder name or a path to one ``.md`` page."""
+    if target.endswith(".md"):
+        page = Path(target)
+        if not page.is_file():
+            raise FileNotFoundError(f"page {target} does not exist")
+        return [page]
+    pages = starters.chapter_pages(target, book_dir)
+    if not pages:
+        raise LookupError(f"chapter {target!r} has no notebook pages yet")
+    return pages
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Run sphinx-build with the book's strict settings; a chapter build goes to its own folder."""
+    book_dir = starters.find_book_dir()
+    env = dict(os.environ)
+    out = Path(args.out) if args.out else book_dir.parent / "_build" / "html"
+    if args.chapter:
+        starters.chapter_pages(args.chapter, book_dir)  # unknown chapter: clear error
+        env[CHAPTERS_ENV] = args.chapter
+        out = Path(args.out) if args.out else book_dir.parent / "_build" / "chapters" / args.chapter
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-b", "html", str(book_dir), str(out)]
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc == 0:
+        print(f"open {out / 'index.html'}")
+    return rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute pages the way the book does (starter cells skipped) and save them with outputs."""
+    import nbclient
+    import nbformat
+
+    book_dir = starters.find_book_dir()
+    pages = _pages(args.chapter, book_dir)
+    out = Path(args.output) if args.output else book_dir.parent / "_build" / "run" / Path(args.chapter).stem
+    if out.suffix == ".ipynb" and len(pages) > 1:
+        raise ValueError(
+            f"{args.chapter} has {len(pages)} notebook pages; give -o a folder, not {out.name}"
+        )
+    kernel_environment()
+    for page in pages:
+        dest = out if out.suffix == ".ipynb" else out / page.with_suffix(".ipynb").name
+        nb = starters.book_notebook(page)
+        print(f"executing {page} ...", flush=True)
+        client = nbclient.NotebookClient(
+            nb, timeout=args.timeout, kernel_name="python3",
+            resources={"metadata": {"path": str(page.parent)}},
+        )
+        client.execute()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, dest)
+        print(f"wrote {dest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write starter notebooks of a chapter or page."""
+    book_dir = starters.find_book_dir()
+    _pages(args.chapter, book_dir)
+    out = Path(args.output) if args.output else Path("starters") / Path(args.chapter).stem
+    for path in starters.export_starter(args.chapter, out, book_dir=book_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the model registry (imported lazily: it loads torch and transformers)."""
+    from .models import describe_models
+
+    print(describe_models())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``interpbook`` command."""
+    parser = argparse.ArgumentParser(prog="interpbook", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="build the book (HTML) with the strict settings")
+    p.add_argument("--chapter", help="build the front matter and this chapter only, e.g. 01-introduction")
+    p.add_argument("--out", help="output folder (default _build/html, or _build/chapters/CHAPTER)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", help="execute a chapter's pages into .ipynb files with outputs")
+    p.add_argument("chapter", help="chapter folder (e.g. 01-introduction) or path to one page .md")
+    p.add_argument("-o", "--output", help="output folder, or an .ipynb file for a single page "
+                   "(default _build/run/CHAPTER)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="write a chapter's starter notebooks (no solutions, no outputs)")
+    p.add_argument("chapter", help="chapter folder (e.g. 01-introduction) or path to one page .md")
+    p.add_argument("-o", "--output", help="output folder (default starters/CHAPTER)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="list the model registry: installed, cached, how to install")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``interpbook`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (LookupError, FileNotFoundError, ValueError) as exc:
+        print(f"interpbook {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
