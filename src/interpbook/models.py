@@ -166,11 +166,11 @@ def _convert(gguf: Path, target: Path, source_digest: str) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )
-        model.hf_quantizer = None  # save_pretrained refuses a quantised model otherwise
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+            model.hf_quantizer = None  # save_pretrained refuses a quantised model otherwise
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / _MARKER).write_text(json.dumps({"source": source_digest, "files": files}))
         if target.exists():
