@@ -12,11 +12,12 @@ from .anatomy import SITES, Anatomy, anatomy_for
 from .lenses import logit_lens, top_tokens
 from .lm import Model, Run
 from .models import describe_models, load_model
+from .records import record
 from .tracing import ActivationCache, Edit, StopForward, Trace, ablate, edit, patch, steer
 
 __all__ = [
     "SITES", "Anatomy", "anatomy_for", "logit_lens", "top_tokens", "Model", "Run",
-    "describe_models", "load_model", "ActivationCache", "Edit", "StopForward", "Trace",
+    "describe_models", "load_model", "record", "ActivationCache", "Edit", "StopForward", "Trace",
     "ablate", "edit", "patch", "steer",
 ]
 __version__ = "0.1.0"
