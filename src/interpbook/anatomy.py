@@ -343,7 +343,21 @@ class Gemma3Anatomy(LlamaAnatomy):
         return float(self.embedding().scalar_embed_scale)
 
 
-class GPT2Anatomy(Anatomy):
+class FusedQKVAnatomy(Anatomy):
+    """Families whose Q, K and V come out of one projection; subclasses slice it."""
+
+    def _qkv_weight(self, layer: int, part: int) -> torch.Tensor: raise NotImplementedError
+    def _qkv_bias(self, layer: int, part: int) -> torch.Tensor: raise NotImplementedError
+
+    def W_Q(self, layer): return self._qkv_weight(layer, 0)
+    def W_K(self, layer): return self._qkv_weight(layer, 1)
+    def W_V(self, layer): return self._qkv_weight(layer, 2)
+    def b_Q(self, layer): return self._qkv_bias(layer, 0)
+    def b_K(self, layer): return self._qkv_bias(layer, 1)
+    def b_V(self, layer): return self._qkv_bias(layer, 2)
+
+
+class GPT2Anatomy(FusedQKVAnatomy):
     """GPT-2: LayerNorm, learned positions, fused QKV in Conv1D (weights stored [in, out])."""
 
     family = "gpt2"
@@ -372,13 +386,6 @@ class GPT2Anatomy(Anatomy):
         b = self.attn(layer).c_attn.bias
         return b[part * self.d_model:(part + 1) * self.d_model].view(self.n_heads, self.d_head)
 
-    def W_Q(self, layer): return self._qkv_weight(layer, 0)
-    def W_K(self, layer): return self._qkv_weight(layer, 1)
-    def W_V(self, layer): return self._qkv_weight(layer, 2)
-    def b_Q(self, layer): return self._qkv_bias(layer, 0)
-    def b_K(self, layer): return self._qkv_bias(layer, 1)
-    def b_V(self, layer): return self._qkv_bias(layer, 2)
-
     def W_O(self, layer):
         return self.o_proj(layer).weight.view(self.n_heads, self.d_head, self.d_model)
 
@@ -388,7 +395,7 @@ class GPT2Anatomy(Anatomy):
     def b_out(self, layer): return self.mlp(layer).c_proj.bias
 
 
-class NeoXAnatomy(Anatomy):
+class NeoXAnatomy(FusedQKVAnatomy):
     """GPT-NeoX / Pythia: LayerNorm, partial rotary, per-head fused QKV, and (usually)
     parallel attention and MLP, in which case there is no ``resid_mid``."""
 
@@ -422,13 +429,6 @@ class NeoXAnatomy(Anatomy):
 
     def _qkv_bias(self, layer, part):
         return self._qkv(layer).bias.view(self.n_heads, 3, self.d_head)[:, part]
-
-    def W_Q(self, layer): return self._qkv_weight(layer, 0)
-    def W_K(self, layer): return self._qkv_weight(layer, 1)
-    def W_V(self, layer): return self._qkv_weight(layer, 2)
-    def b_Q(self, layer): return self._qkv_bias(layer, 0)
-    def b_K(self, layer): return self._qkv_bias(layer, 1)
-    def b_V(self, layer): return self._qkv_bias(layer, 2)
 
     def W_in(self, layer): return self.mlp(layer).dense_h_to_4h.weight.T
     def b_in(self, layer): return self.mlp(layer).dense_h_to_4h.bias
