@@ -3,6 +3,7 @@
 * ``source-read``: a MyST notebook page's ``starter``/``solution`` tags are expanded into
   the display tags myst-nb and nbclient act on (hidden and skipped / collapsed), before
   myst-nb reads and executes the page.
+* ``doctree-read``: the toggle of a solution cell says "Show solution".
 * ``html-page-context`` (priority 400, before sphinx-book-theme's handlers at 501):
   every notebook page gets its starter notebook written to ``_sources/<page>.ipynb``
   and ``context["ipynb_source"]`` set, so the theme's download menu offers it. The
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+from docutils import nodes
 from interpbook import starters
 from sphinx.application import Sphinx
 
@@ -22,6 +24,13 @@ from sphinx.application import Sphinx
 def expand_exercise_tags(app: Sphinx, docname: str, source: list[str]) -> None:
     """Rewrite the page source so exercise tags carry their display tags."""
     source[0] = starters.book_source(source[0])
+
+
+def label_solutions(app: Sphinx, doctree: nodes.document) -> None:
+    """Name the collapsed input of solution cells for what it is."""
+    for node in doctree.findall(nodes.container):
+        if node.get("nb_element") == "cell_code" and f"tag_{starters.SOLUTION_TAG}" in node["classes"]:
+            node["prompt_show"], node["prompt_hide"] = "Show solution", "Hide solution"
 
 
 def offer_starter(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
@@ -39,5 +48,6 @@ def offer_starter(app: Sphinx, pagename: str, templatename: str, context: dict, 
 
 def setup(app: Sphinx) -> dict:
     app.connect("source-read", expand_exercise_tags)
+    app.connect("doctree-read", label_solutions)
     app.connect("html-page-context", offer_starter, priority=400)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

