@@ -95,6 +95,7 @@ autodoc_member_order = "bysource"
 # No intersphinx (it needs the network): types from other libraries stay plain text.
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|nn|np|numpy|pathlib|collections|typing|nbformat|transformers)\..*"),
+    (r"py:class", r"SiteSpec|Prompts"),  # type aliases keep their short name in signatures
 ]
 autodoc_typehints = "description"
 napoleon_google_docstring = True
