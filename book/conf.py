@@ -48,8 +48,8 @@ def execution_digest() -> str:
 
 # -- Project -----------------------------------------------------------------------------
 project = "Interpretability of Large Language Models"
-author = "interpbook contributors, after the course by Mor Geva and Daniela Gottesman"
-copyright = "2025, " + author
+author = "interpbook contributors"
+copyright = "2025, interpbook contributors; course by Mor Geva and Daniela Gottesman"
 
 extensions = [
     "myst_nb",  # brings myst_parser; listing it again after myst_nb is an error
@@ -62,6 +62,7 @@ extensions = [
     "sphinx.ext.mathjax",  # the browser loads MathJax; nothing is fetched at build time
     "interpbook_starters",
     "interpbook_reproductions",
+    "interpbook_api",
 ]
 
 exclude_patterns = ["_build", ".venv", "**/.ipynb_checkpoints", "_ext", "Thumbs.db", ".DS_Store"]
@@ -92,9 +93,10 @@ bibtex_bibfiles = ["references.bib"]
 bibtex_reference_style = "author_year"
 bibtex_default_style = "plain"
 autodoc_member_order = "bysource"
-# No intersphinx (it needs the network): types from other libraries stay plain text.
+# No intersphinx (it needs the network): names from other libraries stay plain text,
+# while references into interpbook itself must resolve.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|nn|np|numpy|pathlib|collections|typing|nbformat|transformers)\..*"),
+    (r"py:.*", r"(?!interpbook\.)\w+(\.\w+)+"),
     (r"py:class", r"SiteSpec|Prompts"),  # type aliases keep their short name in signatures
 ]
 autodoc_typehints = "description"

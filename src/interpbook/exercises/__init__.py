@@ -26,7 +26,7 @@ class CheckResult:
     message: str
 
     def __str__(self) -> str:
-        return f"\u2705 {self.exercise}: {self.message}"
+        return f"\u2713 {self.exercise}: {self.message}"
 
     def _repr_pretty_(self, printer, cycle) -> None:
         printer.text(str(self))
