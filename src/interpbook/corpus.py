@@ -1,0 +1,195 @@
+"""Offline text for activation statistics: Python's own documentation prose, and small
+labelled concept sentences.
+
+Methods such as *top-activating contexts* (Geva et al., 2021) or *semi-NMF of MLP
+activations* (Shafran et al., 2025) need many tokens of ordinary text. No text corpus
+ships with the book's dependencies, but every Python installation carries
+``pydoc_data.topics``: the reference manual's topic pages that ``help("if")`` prints,
+about 65k words of English prose. :func:`pydoc_passages` cleans it (drops headings,
+grammar rules and code samples, joins wrapped lines) and returns one passage per prose
+paragraph; :func:`pack` turns texts into equal-length token windows for batched forward
+passes.
+
+Provenance and licence (:data:`PYDOC_SOURCE`, :data:`PYDOC_LICENSE`): the text is the
+Python documentation, Copyright Python Software Foundation, distributed with CPython
+under the PSF License Agreement (Python documentation is under that licence; its code
+examples under the Zero-Clause BSD licence).
+
+:func:`concept_sentences` builds short labelled sentences from templates and small word
+lists written for this book (days, months, colours, numbers, animals, family members,
+body parts, countries), for concept-detection and steering experiments where a label is
+needed. They are synthetic: a concept here is a word list, not a human annotation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "PYDOC_SOURCE", "PYDOC_LICENSE", "Passage", "pydoc_passages", "pack",
+    "CONCEPTS", "TEMPLATES", "concept_sentences", "concept_batch",
+]
+
+PYDOC_SOURCE = ("Python's reference-manual topics (module pydoc_data.topics of the running "
+                "Python, the text that help('if') prints)")
+PYDOC_LICENSE = ("Python documentation, Copyright Python Software Foundation; PSF License "
+                 "Agreement (code examples: Zero-Clause BSD)")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One prose paragraph of the Python documentation and the topic it comes from."""
+
+    topic: str
+    text: str
+
+
+_RULE = re.compile(r"^[\*=\-~^\"'`#+]{3,}\s*$")
+
+
+def _is_prose(paragraph: str, min_words: int) -> bool:
+    words = paragraph.split()
+    if len(words) < min_words:
+        return False
+    letters = sum(c.isalpha() for c in paragraph)
+    if letters < 0.6 * len(paragraph.replace(" ", "")):
+        return False  # grammar rules, tables, code
+    if "::=" in paragraph or ">>>" in paragraph:
+        return False
+    return True
+
+
+def clean_topic(text: str, *, min_words: int = 12) -> list[str]:
+    """The prose paragraphs of one ``pydoc_data.topics`` page.
+
+    Headings (and their underlines), indented blocks (code samples, grammar, tables)
+    and short fragments are dropped; wrapped lines are joined with single spaces.
+    """
+    paragraphs, current = [], []
+    lines = text.splitlines() + [""]
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if _RULE.match(nxt.strip()) and line.strip() and not current:
+            continue  # a heading: its underline follows
+        if _RULE.match(line.strip()):
+            continue
+        if not line.strip() or line.startswith((" ", "\t")):
+            if current:
+                paragraphs.append(" ".join(current))
+                current = []
+            continue
+        current.append(line.strip())
+    return [p for p in paragraphs if _is_prose(p, min_words)]
+
+
+def pydoc_passages(*, min_words: int = 12, topics: Iterable[str] | None = None) -> list[Passage]:
+    """Every prose paragraph of ``pydoc_data.topics``, in the module's (sorted) topic order.
+
+    Deterministic for a given Python version: the text is part of the interpreter's
+    standard library (see :data:`PYDOC_SOURCE` and :data:`PYDOC_LICENSE`).
+    """
+    from pydoc_data.topics import topics as pages
+
+    names = sorted(pages) if topics is None else list(topics)
+    return [Passage(name, p) for name in names for p in clean_topic(pages[name], min_words=min_words)]
+
+
+def pack(encode: Callable[[str], Sequence[int]], texts: Iterable[str], seq_len: int = 64, *,
+         max_tokens: int | None = None, separator: Sequence[int] = ()) -> torch.Tensor:
+    """Concatenate the token ids of ``texts`` (with ``separator`` ids between them) and cut
+    them into windows of ``seq_len`` tokens: a ``[n_windows, seq_len]`` LongTensor.
+
+    ``encode`` maps a text to ids (e.g. ``lambda t: tok(t, add_special_tokens=False)
+    ["input_ids"]``). Windows need no padding, so a batch of them is one dense forward
+    pass; the incomplete tail is dropped. ``max_tokens`` caps the total (rounded down to
+    whole windows).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    ids: list[int] = []
+    limit = None if max_tokens is None else (max_tokens // seq_len) * seq_len
+    for text in texts:
+        if ids and separator:
+            ids.extend(separator)
+        ids.extend(int(i) for i in encode(text))
+        if limit is not None and len(ids) >= limit:
+            break
+    n = len(ids) // seq_len if limit is None else min(len(ids), limit) // seq_len
+    if n == 0:
+        raise ValueError(f"the texts have {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+# --- labelled concept sentences ------------------------------------------------------------
+CONCEPTS: dict[str, list[str]] = {
+    "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "month": ["January", "February", "March", "April", "June", "July", "August", "September",
+              "October", "November", "December"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
+    "number": ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve"],
+    "animal": ["dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "sheep", "wolf", "bear"],
+    "family": ["mother", "father", "sister", "brother", "aunt", "uncle", "grandmother", "cousin",
+               "son", "daughter"],
+    "body": ["hand", "foot", "head", "arm", "leg", "knee", "shoulder", "finger", "nose", "ear"],
+    "country": ["France", "Germany", "Italy", "Spain", "Japan", "China", "India", "Brazil",
+                "Canada", "Egypt"],
+}
+"""Concept word lists (written for this book). Each word is one token after a space in
+common BPE vocabularies, but callers should not rely on it."""
+
+TEMPLATES: dict[str, list[str]] = {
+    "day": ["The meeting was moved to {w} morning.", "We always go swimming on {w}.",
+            "The shop is closed every {w} afternoon.", "She said the parcel would arrive on {w}."],
+    "month": ["The festival takes place every year in {w}.", "Their daughter was born in {w}.",
+              "The weather in {w} is usually mild.", "The report is due at the end of {w}."],
+    "colour": ["He painted the old fence {w}.", "She wore a long {w} dress to the party.",
+               "The car in front of us was {w}.", "They chose {w} curtains for the kitchen."],
+    "number": ["There were {w} apples left in the basket.", "The child counted to {w} and stopped.",
+               "We waited for {w} hours at the station.", "The recipe needs {w} eggs."],
+    "animal": ["In the field we saw a {w} sleeping.", "The children fed the {w} at the farm.",
+               "A {w} was standing near the river.", "The story is about a brave little {w}."],
+    "family": ["I visited my {w} last weekend.", "Her {w} lives in a small village.",
+               "The letter was written by his {w}.", "We cooked dinner with my {w}."],
+    "body": ["He hurt his {w} while playing football.", "The doctor looked at her {w} carefully.",
+             "My {w} has been aching all day.", "She raised her {w} to ask a question."],
+    "country": ["Last summer we travelled to {w}.", "The ambassador returned from {w} yesterday.",
+                "Many tourists visit {w} every year.", "The company opened an office in {w}."],
+}
+"""Sentence templates per concept; ``{w}`` is replaced by a word of that concept."""
+
+
+def concept_sentences(*, seed: int = 0, concepts: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """Every (concept, word, sentence) from :data:`TEMPLATES` x :data:`CONCEPTS`, shuffled
+    with ``seed``. Capitalises a sentence-initial word."""
+    names = list(CONCEPTS) if concepts is None else list(concepts)
+    out = []
+    for c in names:
+        for template in TEMPLATES[c]:
+            for w in CONCEPTS[c]:
+                s = template.format(w=w)
+                out.append((c, w, s[0].upper() + s[1:]))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def concept_batch(tokenizer, items: Sequence[tuple[str, str, str]]) -> tuple[dict, list[list[str | None]]]:
+    """Tokenise (concept, word, sentence) items as one left-padded batch, and label every
+    token: the concept's name on the tokens of its word, ``None`` elsewhere (one list per
+    sentence, real tokens only, in order).
+    """
+    labels = []
+    for concept, word, sentence in items:
+        start = sentence.index(word)
+        enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
+        a, b, n = len(enc(sentence[:start].rstrip())), len(enc(sentence[: start + len(word)])), len(enc(sentence))
+        row: list[str | None] = [None] * n
+        for j in range(a, min(b, n)):
+            row[j] = concept
+        labels.append(row)
+    batch = tokenizer([s for _, _, s in items], return_tensors="pt", padding=True, add_special_tokens=False)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, labels

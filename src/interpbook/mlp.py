@@ -1,0 +1,313 @@
+"""MLP layers as key-value memories, read in the vocabulary (book chapter ``05-mlp-layers``).
+
+An MLP layer computes ``mlp_out = sum_i m_i v_i``: neuron ``i`` has an activation
+``m_i`` (the *memory coefficient*; for a gated MLP ``act(x W_gate) * (x W_in)``, the
+canonical ``mlp_act`` site) and a *value* ``v_i``, row ``i`` of ``W_out``. Geva et al.
+(2021) read the input side of a neuron (its *key*) through the contexts that make it
+fire most, and the output side through the value projected onto the vocabulary; Geva et
+al. (2022) read one forward pass's MLP update as a sum of such *sub-updates* ``m_i v_i``
+that promote concepts in the vocabulary.
+
+Everything here uses the anatomy API, so it works on every supported family. The
+vocabulary reading folds the final norm's gain into the unembedding
+(:func:`folded_unembedding`), the linear part of what the model applies before its
+output layer; with tied embeddings (SmolLM2) ``W_U`` is ``W_E`` transposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .lm import Model, Prompts
+
+__all__ = [
+    "folded_unembedding", "value_logits", "value_top_tokens", "TopActivations", "Context",
+    "top_activations", "mlp_activations", "agreement_rate", "key_value_agreement",
+    "last_token_share", "token_mask", "SubUpdate", "sub_updates", "top_sub_updates", "token_contributions",
+]
+
+
+# --- reading values in the vocabulary -------------------------------------------------------
+def folded_unembedding(model: Model) -> torch.Tensor:
+    """``W_U`` with the final norm's gain folded in: ``diag(g) W_U`` ``[d_model, vocab]``.
+
+    A vector ``v`` written to the residual stream reaches the logits as
+    ``norm(resid) W_U``; for an RMSNorm the norm scales the whole residual and multiplies
+    by the gain ``g``, so ``v``'s own direction is read as ``(v * g) W_U`` (up to the
+    shared scale). For a LayerNorm the gain is folded likewise and the centring and bias
+    are left out.
+    """
+    norm = model.anatomy.final_norm()
+    W_U = model.anatomy.W_U
+    with torch.no_grad():
+        if isinstance(norm, nn.LayerNorm):
+            gain = norm.weight if norm.weight is not None else torch.ones_like(W_U[:, 0])
+        else:  # RMSNorm variants (Llama g, Gemma 1 + g): the norm of a vector of ones is g
+            ones = torch.ones(1, W_U.shape[0], dtype=W_U.dtype, device=W_U.device)
+            gain = norm(ones)[0]
+        return W_U * gain[:, None]
+
+
+def value_logits(model: Model, layer: int, neurons: Sequence[int] | torch.Tensor | None = None, *,
+                 fold_norm: bool = True, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+    """Each value vector (row of ``W_out``) projected to the vocabulary: ``[n, vocab]``.
+
+    ``neurons`` selects rows (default: all ``d_mlp``). ``fold_norm=False`` gives the
+    paper's plain ``v W_U``. Pass a precomputed ``unembedding`` to reuse it across layers.
+    """
+    with torch.no_grad():
+        W_out = model.anatomy.W_out(layer)
+        if neurons is not None:
+            W_out = W_out[torch.as_tensor(neurons, dtype=torch.long, device=W_out.device)]
+        U = unembedding if unembedding is not None else (
+            folded_unembedding(model) if fold_norm else model.anatomy.W_U)
+        return W_out @ U
+
+
+def value_top_tokens(model: Model, layer: int, neuron: int, k: int = 10, *, sign: float = 1.0) -> list[str]:
+    """The ``k`` tokens a value vector promotes most (``sign=-1``: when its neuron is negative)."""
+    logits = sign * value_logits(model, layer, [neuron])[0]
+    return [model.tokenizer.decode([int(i)]) for i in logits.topk(k).indices]
+
+
+# --- keys: top-activating contexts over a corpus ---------------------------------------------
+@dataclass(frozen=True)
+class Context:
+    """One top-activating context of a neuron: the text up to and including the trigger
+    token, that token, the token that follows it in the corpus, and the activation."""
+
+    prefix: str
+    token: str
+    next_token: str
+    activation: float
+
+
+@dataclass
+class TopActivations:
+    """The ``k`` largest activations of every neuron of some layers over a corpus of token
+    windows: ``values``/``index`` are ``[n_layers, d_mlp, k]`` (descending), ``index``
+    a flat position into ``windows`` (``window * seq_len + pos``)."""
+
+    layers: list[int]
+    values: torch.Tensor
+    index: torch.Tensor
+    windows: torch.Tensor
+
+    def _l(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not collected; have {self.layers}")
+        return self.layers.index(layer)
+
+    def trigger_tokens(self, layer: int) -> torch.Tensor:
+        """Token id at each top-activating position ``[d_mlp, k]``."""
+        return self.windows.reshape(-1)[self.index[self._l(layer)]]
+
+    def next_tokens(self, layer: int) -> torch.Tensor:
+        """Token id that follows each top-activating position in the corpus ``[d_mlp, k]``."""
+        return self.windows.reshape(-1)[self.index[self._l(layer)] + 1]
+
+    def contexts(self, tokenizer, layer: int, neuron: int, n: int = 5, width: int = 12) -> list[Context]:
+        """The ``n`` top-activating contexts of ``neuron``, each as up to ``width`` tokens."""
+        L, seq = self._l(layer), self.windows.shape[1]
+        out = []
+        for j in range(min(n, self.values.shape[-1])):
+            flat = int(self.index[L, neuron, j])
+            w, p = divmod(flat, seq)
+            ids = self.windows[w, max(0, p - width + 1): p + 1].tolist()
+            nxt = int(self.windows[w, p + 1]) if p + 1 < seq else None
+            out.append(Context(tokenizer.decode(ids), tokenizer.decode(ids[-1:]),
+                               "" if nxt is None else tokenizer.decode([nxt]),
+                               float(self.values[L, neuron, j])))
+        return out
+
+
+def _batches(windows: torch.Tensor, batch_size: int, progress: bool, desc: str):
+    starts = range(0, windows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, leave=False)
+    for s in starts:
+        yield s, windows[s: s + batch_size]
+
+
+def top_activations(model: Model, windows: torch.Tensor, layers: Sequence[int], k: int = 10, *,
+                    batch_size: int = 32, skip_first: int = 4, by: str = "value",
+                    progress: bool = False) -> TopActivations:
+    """Stream ``windows`` ``[n, seq_len]`` through the model and keep, for every neuron
+    of ``layers``, its ``k`` largest ``mlp_act`` values and where they occurred.
+
+    ``by="abs"`` ranks by magnitude and keeps the sign: in a gated MLP
+    ``act(gate) * up`` is large and negative as often as large and positive, and a
+    negative coefficient writes ``-v_i``.
+
+    Only the positions ``skip_first <= pos < seq_len - 1`` compete: the last has no next
+    token in the window, and the first few have almost no context (and in many models
+    carry outlier activations at the very first position). The forward pass stops after
+    the last requested layer; nothing but the running top-k is kept.
+    """
+    layers = sorted(set(int(l) for l in layers))
+    if by not in ("value", "abs"):
+        raise ValueError(f"by must be 'value' or 'abs', got {by!r}")
+    n, seq = windows.shape
+    if not 0 <= skip_first < seq - 1:
+        raise ValueError(f"skip_first={skip_first} leaves no positions in windows of {seq} tokens")
+    d = model.d_mlp
+    vals = torch.full((len(layers), d, k), float("-inf") if by == "value" else 0.0)
+    idx = torch.zeros((len(layers), d, k), dtype=torch.long)
+    valid = torch.zeros(seq, dtype=torch.bool)
+    valid[skip_first: seq - 1] = True
+    for start, batch in _batches(windows, batch_size, progress, "top activations"):
+        run = model.run(batch, cache=[("mlp_act", l) for l in layers], stop_early=True)
+        b = batch.shape[0]
+        flat = (start + torch.arange(b))[:, None] * seq + torch.arange(seq)[None]  # [b, seq]
+        flat = flat[:, valid].reshape(-1)
+        for i, l in enumerate(layers):
+            act = run.cache["mlp_act", l].float().cpu()[:, valid].reshape(-1, d).T  # [d, b*valid]
+            cand_v = torch.cat([vals[i], act], 1)
+            cand_i = torch.cat([idx[i], flat.expand(d, -1)], 1)
+            score = cand_v.abs() if by == "abs" else cand_v
+            top = score.topk(k, dim=1)
+            vals[i], idx[i] = cand_v.gather(1, top.indices), cand_i.gather(1, top.indices)
+    return TopActivations(layers, vals, idx, windows)
+
+
+def mlp_activations(model: Model, windows: torch.Tensor | dict, layer: int, *, batch_size: int = 32,
+                    skip_first: int = 0, progress: bool = False) -> torch.Tensor:
+    """``mlp_act`` of one layer for every token of ``windows``: ``[n_tokens, d_mlp]``, in
+    row-major order of the kept positions.
+
+    ``windows`` is a ``[n, seq_len]`` tensor of ids or a tokenised batch
+    ``{"input_ids", "attention_mask"}`` (padding dropped). The first ``skip_first`` real
+    tokens of each row are dropped too (see :func:`token_mask`).
+    """
+    ids, keep = token_mask(windows, skip_first)
+    mask = windows["attention_mask"] if isinstance(windows, dict) else torch.ones_like(ids)
+    out = []
+    for start, batch in _batches(ids, batch_size, progress, f"mlp_act L{layer}"):
+        m = mask[start: start + batch.shape[0]]
+        run = model.run({"input_ids": batch, "attention_mask": m}, cache=[("mlp_act", layer)],
+                        stop_early=True)
+        out.append(run.cache["mlp_act", layer].float().cpu()[keep[start: start + batch.shape[0]]])
+    return torch.cat(out)
+
+
+def token_mask(windows: torch.Tensor | dict, skip_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, keep)``: which positions :func:`mlp_activations` returns (real tokens
+    from the ``skip_first``-th of their row on)."""
+    if isinstance(windows, dict):
+        ids, mask = windows["input_ids"].cpu(), windows["attention_mask"].cpu().bool()
+    else:
+        ids, mask = windows.cpu(), torch.ones_like(windows, dtype=torch.bool).cpu()
+    pos = mask.long().cumsum(1) - 1
+    return ids, mask & (pos >= skip_first)
+
+
+# --- keys meet values ---------------------------------------------------------------------
+def agreement_rate(value_top1: torch.Tensor, next_tokens: torch.Tensor) -> float:
+    """Fraction of neurons whose value's top-1 token equals the token that follows their
+    top-activating context (Geva et al., 2021, §4: the *agreement rate*)."""
+    value_top1, next_tokens = torch.as_tensor(value_top1), torch.as_tensor(next_tokens)
+    if value_top1.shape != next_tokens.shape:
+        raise ValueError(f"shapes differ: {tuple(value_top1.shape)} vs {tuple(next_tokens.shape)}")
+    return float((value_top1 == next_tokens).float().mean())
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Key-value agreement of one layer (see :func:`key_value_agreement`)."""
+
+    layer: int
+    rate: float            # value's top-1 == next token of the top-1 trigger
+    shuffled: float        # the same with next tokens of other neurons of the layer
+    rate_any: float        # value's top-1 among the next tokens of all k triggers
+    shuffled_any: float
+    median_rank: float     # median rank of the top-1 trigger's next token in the value's logits
+    n_neurons: int
+
+
+def key_value_agreement(model: Model, top: TopActivations, layer: int, *,
+                        neurons: Sequence[int] | torch.Tensor | None = None, seed: int = 0,
+                        unembedding: torch.Tensor | None = None) -> Agreement:
+    """Compare each neuron's value (read in the vocabulary, and negated when its top
+    activation is negative) with the tokens that follow its top-activating contexts; a random permutation of neurons gives the chance level
+    (it keeps the layer's token statistics: frequent next tokens, frequent value tokens)."""
+    nxt = top.next_tokens(layer)
+    if neurons is None:
+        neurons = torch.arange(nxt.shape[0])
+    neurons = torch.as_tensor(neurons, dtype=torch.long)
+    nxt = nxt[neurons]
+    sign = top.values[top._l(layer), neurons, 0].sign().clamp(min=0) * 2 - 1  # orient by the top firing
+    logits = value_logits(model, layer, neurons, unembedding=unembedding) * sign[:, None].to(model.device)
+    top1 = logits.argmax(-1).cpu()
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(neurons), generator=g)
+    target = logits.gather(1, nxt[:, :1].to(logits.device))
+    rank = (logits > target).sum(1).float().cpu()
+    return Agreement(
+        layer=layer,
+        rate=agreement_rate(top1, nxt[:, 0]),
+        shuffled=agreement_rate(top1, nxt[perm, 0]),
+        rate_any=float((nxt == top1[:, None]).any(1).float().mean()),
+        shuffled_any=float((nxt[perm] == top1[:, None]).any(1).float().mean()),
+        median_rank=float(rank.median()),
+        n_neurons=len(neurons),
+    )
+
+
+def last_token_share(top: TopActivations, layer: int) -> torch.Tensor:
+    """Per neuron, the share of its top-k contexts that end in its most common trigger
+    token ``[d_mlp]``: near 1 for a neuron that fires on one token whatever the context
+    (a *shallow* pattern), low for one that fires on a theme across different tokens."""
+    trig = top.trigger_tokens(layer)
+    mode = trig.mode(dim=1).values
+    return (trig == mode[:, None]).float().mean(1)
+
+
+# --- sub-updates of one forward pass (Geva et al., 2022) ------------------------------------
+@dataclass(frozen=True)
+class SubUpdate:
+    """One neuron's term ``m_i v_i`` of an MLP update: coefficient, norm ``|m_i| |v_i|``
+    and the tokens it promotes (top of ``m_i v_i`` in the vocabulary)."""
+
+    neuron: int
+    coefficient: float
+    weight: float
+    tokens: tuple[str, ...]
+
+
+def sub_updates(model: Model, prompts: Prompts, layer: int, *, pos: int = -1) -> torch.Tensor:
+    """The coefficients ``m`` (``mlp_act``) of ``layer`` at ``pos``: ``[batch, d_mlp]``.
+    ``m @ W_out`` is the MLP update (before Gemma's post-MLP norm, if any)."""
+    run = model.run(prompts, cache=[("mlp_act", layer)], stop_early=True)
+    return run.cache["mlp_act", layer][:, pos].float()
+
+
+def top_sub_updates(model: Model, prompt: str, layer: int, k: int = 10, *, n_tokens: int = 8,
+                    pos: int = -1) -> list[SubUpdate]:
+    """The ``k`` dominant sub-updates (largest ``|m_i| |v_i|``) of ``layer`` on ``prompt``."""
+    m = sub_updates(model, prompt, layer, pos=pos)[0]
+    W_out = model.anatomy.W_out(layer).detach().float()
+    weight = m.abs() * W_out.norm(dim=1)
+    best = weight.topk(k).indices
+    logits = value_logits(model, layer, best) * m[best, None].sign()
+    out = []
+    for n, row in zip(best.tolist(), logits):
+        toks = tuple(model.tokenizer.decode([int(i)]) for i in row.topk(n_tokens).indices)
+        out.append(SubUpdate(n, float(m[n]), float(weight[n]), toks))
+    return out
+
+
+def token_contributions(model: Model, prompts: Prompts, layer: int, tokens: Sequence[int], *,
+                        pos: int = -1) -> torch.Tensor:
+    """Each sub-update's direct effect on some tokens' (norm-folded) logits:
+    ``m_i * (v_i . U[:, t])`` as ``[batch, d_mlp, n_tokens]``; summing over neurons gives
+    the whole MLP update's effect."""
+    m = sub_updates(model, prompts, layer, pos=pos)
+    U = folded_unembedding(model)[:, torch.as_tensor(list(tokens), dtype=torch.long)]
+    with torch.no_grad():
+        per_value = model.anatomy.W_out(layer).float() @ U  # [d_mlp, n_tokens]
+    return m[:, :, None] * per_value[None]
