@@ -62,9 +62,13 @@ def test_continuation_logprobs_wrong(model):
 LAYER, HEAD = 3, 4
 
 
-def _head(model, prompt, layer, head, *, rope=True, scale=True, mask=True, norm=True):
+def _resid_pre(model, prompt, layer):
+    return model.run(prompt, cache=("resid_pre", layer)).cache["resid_pre", layer][0]
+
+
+def _head(model, prompt, layer, head, *, rope=True, scale=True, mask=True, norm=True, x=None):
     a = model.anatomy
-    x = model.run(prompt, cache=("resid_pre", layer)).cache["resid_pre", layer][0]
+    x = _resid_pre(model, prompt, layer) if x is None else x
     n = x.shape[0]
     theta = model.hf.config.rope_parameters["rope_theta"]
     ang = torch.arange(n)[:, None] * theta ** (-torch.arange(0, a.d_head, 2) / a.d_head)
@@ -88,7 +92,7 @@ def _head(model, prompt, layer, head, *, rope=True, scale=True, mask=True, norm=
 
 def test_attention_head_right(model):
     p, z, _ = _head(model, PROMPT, LAYER, HEAD)
-    assert "pattern and the output" in str(w.check_attention_head(model, PROMPT, LAYER, HEAD, p, z))
+    assert "pattern and z" in str(w.check_attention_head(model, PROMPT, LAYER, HEAD, p, z))
     w.check_attention_head(model, PROMPT, LAYER, HEAD, p.numpy())
     # the last head of the last KV group, deep in the model
     p, z, _ = _head(model, PROMPT, model.n_layers - 1, model.n_heads - 1)
@@ -117,8 +121,8 @@ BLOCK = 5
 
 def _block(model, prompt, layer, *, residual=True, mlp_reads_pre=False, skip_mlp=False):
     a = model.anatomy
-    x = model.run(prompt, cache=("resid_pre", layer)).cache["resid_pre", layer][0]
-    p = [_head(model, prompt, layer, h)[1] for h in range(model.n_heads)]
+    x = _resid_pre(model, prompt, layer)
+    p = [_head(model, prompt, layer, h, x=x)[1] for h in range(model.n_heads)]
     with torch.no_grad():
         attn = sum(z @ a.W_O(layer)[h] for h, z in enumerate(p))
         mid = x + attn

@@ -87,7 +87,7 @@ def continuation_logprobs(model, prompt: str, continuation: str) -> torch.Tensor
 
 def check_continuation_logprobs(model, prompt: str, continuation: str, logprobs: object) -> CheckResult:
     """Exercise 1: per-token log-probabilities of ``continuation`` after ``prompt``."""
-    ex = "Exercise 1 (continuation log-probs)"
+    ex = "Exercise 1"
     got = _answer(ex, logprobs, "logprobs")
     prompt_ids, cont_ids = _continuation_ids(model, prompt, continuation)
     ref = continuation_logprobs(model, prompt, continuation)
@@ -124,9 +124,8 @@ def check_continuation_logprobs(model, prompt: str, continuation: str, logprobs:
             "these are log-probabilities in base 2; use the natural log": ref / np.log(2),
             "the sign is flipped: log-probabilities are negative (<= 0)": -ref,
         }, 1e-4, 1e-4)
-    result = check_close(ex, got, ref, rtol=1e-4, atol=1e-4)
-    return CheckResult(ex, f"{result.message}; the continuation's total log-probability is "
-                           f"{float(ref.sum()):.3f} nats")
+    check_close(ex, got, ref, rtol=1e-4, atol=1e-4)
+    return CheckResult(ex, f"all {n} log-probs match (total {float(ref.sum()):.3f} nats)")
 
 
 # --- Exercise 2: one attention head by hand ----------------------------------------------
@@ -175,7 +174,7 @@ def _head_variants(model, resid_pre: torch.Tensor, layer: int, head: int) -> dic
 def check_attention_head(model, prompt: str, layer: int, head: int, pattern: object, z: object = None) -> CheckResult:
     """Exercise 2: the attention pattern ``[query, key]`` (and optionally the output
     ``z [pos, d_head]``) of head ``head`` in layer ``layer`` on ``prompt``, computed by hand."""
-    ex = f"Exercise 2 (attention head {layer}.{head})"
+    ex = f"Exercise 2 (head {layer}.{head})"
     got = _squeeze_batch(_answer(ex, pattern, "pattern"), 2)
     run = model.run(prompt, cache=[("resid_pre", layer), ("attn_pattern", layer), ("attn_z", layer)])
     ref = run.cache["attn_pattern", layer][0, head]
@@ -212,7 +211,7 @@ def check_attention_head(model, prompt: str, layer: int, head: int, pattern: obj
         }, **tol)
         check_close(ex, got, ref, **tol)
     if z is None:
-        return CheckResult(ex, f"the {n}x{n} pattern matches the model's")
+        return CheckResult(ex, f"the {n}x{n} pattern matches")
     got_z = _squeeze_batch(_answer(ex, z, "z"), 2)
     if got_z.shape != tuple(ref_z.shape):
         raise CheckFailed(f"{ex}: z should be [pos, d_head] = {tuple(ref_z.shape)}, got {tuple(got_z.shape)}")
@@ -221,14 +220,14 @@ def check_attention_head(model, prompt: str, layer: int, head: int, pattern: obj
             variants.get("rotated_v", (None, None))[1],
     }, rtol=1e-4, atol=1e-4)
     check_close(ex + " output z", got_z, ref_z, rtol=1e-4, atol=1e-4)
-    return CheckResult(ex, f"the {n}x{n} pattern and the output z {tuple(ref_z.shape)} match the model's")
+    return CheckResult(ex, f"the {n}x{n} pattern and z {tuple(ref_z.shape)} match")
 
 
 # --- Exercise 3: one block by hand ---------------------------------------------------------
 def check_block_forward(model, prompt: str, layer: int, resid_post: object) -> CheckResult:
     """Exercise 3: the residual stream leaving block ``layer`` ``[pos, d_model]``, computed by
     hand from the residual stream entering it."""
-    ex = f"Exercise 3 (block {layer} forward)"
+    ex = f"Exercise 3 (block {layer})"
     got = _squeeze_batch(_answer(ex, resid_post, "resid_post"), 2)
     sites = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"]
     run = model.run(prompt, cache=[(s, layer) for s in sites])
@@ -256,8 +255,8 @@ def check_block_forward(model, prompt: str, layer: int, resid_post: object) -> C
                 c["resid_mid"] + mlp_no_norm,
         }, **tol)
         check_close(ex, got, ref, **tol)
-    return CheckResult(ex, f"resid_post {tuple(ref.shape)} matches the model's (max |diff| "
-                           f"{float(np.abs(got - as_array(ref)).max()):.2g})")
+    diff = float(np.abs(got - as_array(ref)).max())
+    return CheckResult(ex, f"resid_post {tuple(ref.shape)} matches (max |diff| {diff:.1e})")
 
 
 # --- Exercise 4: the logit lens ------------------------------------------------------------
@@ -291,7 +290,7 @@ def _as_token_strings(model, answer: Sequence, ex: str) -> list[str]:
 
 def check_logit_lens(model, prompt: str, top1: object) -> CheckResult:
     """Exercise 4: the logit lens's top-1 token at the last position, for every layer."""
-    ex = "Exercise 4 (logit lens)"
+    ex = "Exercise 4"
     if top1 is None or top1 is Ellipsis:
         raise CheckFailed(f"{ex}: no answer yet (got {top1!r}); replace the `...`")
     if isinstance(top1, str) or not hasattr(top1, "__len__"):
@@ -306,7 +305,7 @@ def check_logit_lens(model, prompt: str, top1: object) -> CheckResult:
     if len(got) != L:
         raise CheckFailed(f"{ex}: give one token per layer: {L} tokens, got {len(got)}")
     if got == ref:
-        return CheckResult(ex, f"all {L} layers match; the last layer's {ref[-1]!r} is the model's own prediction")
+        return CheckResult(ex, f"all {L} layers match; the last one gives {ref[-1]!r}")
     no_norm = [model.tokenizer.decode([int(i)]) for i in _lens_logits(model, prompt, norm=False).argmax(-1)]
     if got == no_norm:
         raise CheckFailed(f"{ex}: you unembedded the raw residual stream; apply the final norm first "
@@ -342,7 +341,7 @@ def greedy_continuation(model, prompt: str, n_new: int) -> list[int]:
 
 def check_greedy_generation(model, prompt: str, n_new: int, text: object) -> CheckResult:
     """Exercise 5: the text of ``n_new`` greedily generated tokens after ``prompt`` (new text only)."""
-    ex = "Exercise 5 (greedy decoding)"
+    ex = "Exercise 5"
     if text is None or text is Ellipsis:
         raise CheckFailed(f"{ex}: no answer yet (got {text!r}); replace the `...`")
     if not isinstance(text, str):
@@ -351,7 +350,7 @@ def check_greedy_generation(model, prompt: str, n_new: int, text: object) -> Che
     ref_ids = greedy_continuation(model, prompt, n_new)
     ref = model.tokenizer.decode(ref_ids)
     if text == ref:
-        return CheckResult(ex, f"your {n_new} greedy tokens match: {ref!r}")
+        return CheckResult(ex, f"your {n_new} greedy tokens match")
     if text == prompt + ref:
         raise CheckFailed(f"{ex}: you returned the prompt too; return only the {n_new} new tokens' text")
     got_ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
