@@ -2,21 +2,21 @@
 
 Every chapter names activations by canonical *sites*, addressed as ``(site, layer)``:
 
-==============  ==========================================================  ====================
-site            what it is                                                  shape
-==============  ==========================================================  ====================
-``embed``       token embeddings (no layer)                                 [batch, pos, d_model]
-``resid_pre``   residual stream entering block ``layer``                    [batch, pos, d_model]
-``attn_out``    what attention adds to the residual stream                  [batch, pos, d_model]
-``resid_mid``   residual stream between attention and MLP                   [batch, pos, d_model]
-``mlp_out``     what the MLP adds to the residual stream                    [batch, pos, d_model]
-``resid_post``  residual stream leaving block ``layer``                     [batch, pos, d_model]
-``mlp_act``     neuron activations (``act(gate) * up`` for gated MLPs)      [batch, pos, d_mlp]
-``attn_z``      per-head outputs before the output projection               [batch, pos, head, d_head]
-``attn_pattern`` attention weights (cache only)                             [batch, head, query, key]
-``q`` ``k`` ``v`` projections before rotary embedding (``k``/``v`` per KV head)  [batch, pos, head, d_head]
-``final_norm``  the final normalisation's output (no layer)                 [batch, pos, d_model]
-==============  ==========================================================  ====================
+================  ===========================================================  ==========================
+site              what it is                                                   shape
+================  ===========================================================  ==========================
+``embed``         token embeddings (no layer)                                  [batch, pos, d_model]
+``resid_pre``     residual stream entering block ``layer``                     [batch, pos, d_model]
+``attn_out``      what attention adds to the residual stream                   [batch, pos, d_model]
+``resid_mid``     residual stream between attention and MLP                    [batch, pos, d_model]
+``mlp_out``       what the MLP adds to the residual stream                     [batch, pos, d_model]
+``resid_post``    residual stream leaving block ``layer``                      [batch, pos, d_model]
+``mlp_act``       neuron activations (``act(gate) * up`` for gated MLPs)       [batch, pos, d_mlp]
+``attn_z``        per-head outputs before the output projection                [batch, pos, head, d_head]
+``attn_pattern``  attention weights (recorded, not edited)                     [batch, head, query, key]
+``q, k, v``       projections before rotary embedding (k, v: per KV head)      [batch, pos, head, d_head]
+``final_norm``    the final normalisation's output (no layer)                  [batch, pos, d_model]
+================  ===========================================================  ==========================
 
 Weight views (:class:`Anatomy`) follow the same convention for every family: ``W_Q``,
 ``W_K``, ``W_V`` are ``[head, d_model, d_head]`` (grouped-query K/V expanded to every query
@@ -202,7 +202,7 @@ class Anatomy:
 
     @property
     def embed_scale(self) -> float:
-        """Factor the model multiplies embeddings by (Gemma: sqrt(d_model); else 1)."""
+        """Factor the model multiplies embeddings by: sqrt(d_model) for Gemma, 1 elsewhere."""
         return 1.0
 
     @property
