@@ -51,7 +51,7 @@ export: $(VENV)/.installed-book
 	$(BIN)/interpbook export $(CH)
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf _build
