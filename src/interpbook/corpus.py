@@ -10,7 +10,7 @@ grammar rules and code samples, joins wrapped lines) and returns one passage per
 paragraph; :func:`pack` turns texts into equal-length token windows for batched forward
 passes.
 
-Provenance and licence (:data:`PYDOC_SOURCE`, :data:`PYDOC_LICENSE`): the text is the
+Provenance and licence (``PYDOC_SOURCE``, ``PYDOC_LICENSE``): the text is the
 Python documentation, Copyright Python Software Foundation, distributed with CPython
 under the PSF License Agreement (Python documentation is under that licence; its code
 examples under the Zero-Clause BSD licence).
@@ -91,7 +91,7 @@ def pydoc_passages(*, min_words: int = 12, topics: Iterable[str] | None = None) 
     """Every prose paragraph of ``pydoc_data.topics``, in the module's (sorted) topic order.
 
     Deterministic for a given Python version: the text is part of the interpreter's
-    standard library (see :data:`PYDOC_SOURCE` and :data:`PYDOC_LICENSE`).
+    standard library (see ``PYDOC_SOURCE`` and ``PYDOC_LICENSE``).
     """
     from pydoc_data.topics import topics as pages
 

@@ -26,7 +26,7 @@ from .lm import Model, Prompts
 
 __all__ = [
     "folded_unembedding", "value_logits", "value_top_tokens", "TopActivations", "Context",
-    "top_activations", "mlp_activations", "agreement_rate", "key_value_agreement",
+    "top_activations", "mlp_activations", "agreement_rate", "Agreement", "key_value_agreement",
     "last_token_share", "token_mask", "SubUpdate", "sub_updates", "top_sub_updates", "token_contributions",
 ]
 
