@@ -101,3 +101,13 @@ def test_real_model_identity_patchscope_reads_a_token():
     assert m.tokenizer.decode(logits.argmax()).strip() == "Paris"
     lens = ib.logit_lens(m, "The capital of France is")[:, 0]
     torch.testing.assert_close(logit_lens_patchscope(m, "The capital of France is"), lens, rtol=1e-3, atol=1e-3)
+
+
+def test_prefix_cache_gives_the_same_answer_as_a_full_pass(model):
+    src, tgt = random_ids(batch=2, pos=5, seed=14), random_ids(batch=1, pos=6, seed=15)
+    n = tgt.shape[1]
+    cached = patchscope(model, src, [0, 2], -1, tgt, target_pos=-1, batch_size=3)
+    full = patchscope(model, src, [0, 2], -1, tgt, target_pos=n - 1)  # same position, no cache path? both last
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    gen = patchscope(model, src, [0, 2], -1, tgt, decode="generate", max_new_tokens=2, return_ids=True, batch_size=3)
+    assert [int(g[0]) for row in gen for g in row] == cached.argmax(-1).flatten().tolist()

@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Union
 
+import copy
+
 import torch
 
 from .lm import Model
@@ -92,7 +94,8 @@ def source_states(model: Model, prompts, layers: Layers, pos: int | Sequence[int
 
 
 def _target_edits(layers: list[int], pos: int, vectors: torch.Tensor, site: str) -> list:
-    """One edit per distinct target layer; each writes its rows' vectors at ``pos``."""
+    """One edit per distinct target layer; each writes its rows' vectors at ``pos``
+    (of the first pass only, so generated tokens are not patched)."""
     edits = []
     for layer in sorted(set(layers)):
         rows = torch.tensor([r for r, l in enumerate(layers) if l == layer])
@@ -110,7 +113,8 @@ def _target_edits(layers: list[int], pos: int, vectors: torch.Tensor, site: str)
 def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: int | Sequence[int],
                target_prompt=IDENTITY_PROMPT, target_layer: Layers | None = None, target_pos: int = -1,
                mapping: Mapping = None, decode: str = "next_token", max_new_tokens: int = 20, *,
-               target_model: Model | None = None, site: str = "resid_post", return_ids: bool = False):
+               target_model: Model | None = None, site: str = "resid_post", return_ids: bool = False,
+               batch_size: int = 256):
     """Decode hidden states of ``source_prompt`` by patching them into ``target_prompt``.
 
     Args:
@@ -132,6 +136,7 @@ def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: in
         target_model: a different model to decode with (cross-model patchscope).
         site: the site read and written (``"resid_post"``, the output of a block).
         return_ids: with ``decode="generate"``, return the new token ids instead of text.
+        batch_size: patched rows per target pass (memory only; results do not change).
 
     Returns:
         ``"next_token"``: logits ``[prompt, layer, vocab]``; ``"generate"``: a list (per
@@ -176,25 +181,43 @@ def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: in
         raise ValueError("target_prompt must be one prompt (it is repeated for every patched state).")
     if not -ids.shape[1] <= target_pos < ids.shape[1]:
         raise IndexError(f"target_pos {target_pos} is outside the target prompt ({ids.shape[1]} tokens).")
-    ids = ids.expand(n_p * n_l, -1)
-    edits = _target_edits(rows_layers, target_pos, vectors, site)
+    n_rows = n_p * n_l
+    # The patch sits at target_pos, so nothing before it depends on the patched state: when
+    # it is the last token, run the shared prefix once and reuse its key/value cache.
+    prefix = None
+    if target_pos % ids.shape[1] == ids.shape[1] - 1 and ids.shape[1] > 1:
+        prefix = target.hf(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]),
+                           use_cache=True).past_key_values
+    results = []
+    for start in range(0, n_rows, batch_size):
+        rows = slice(start, min(start + batch_size, n_rows))
+        n = rows.stop - rows.start
+        edits = _target_edits(rows_layers[rows], -1 if prefix is not None else target_pos, vectors[rows], site)
+        cache, run_ids = None, ids.expand(n, -1)
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(n)
+        if decode == "next_token":
+            with target.trace(edits=edits):
+                out = target.hf(input_ids=run_ids if cache is None else run_ids[:, -1:],
+                                attention_mask=torch.ones_like(run_ids), past_key_values=cache,
+                                use_cache=cache is not None,
+                                logits_to_keep=ids.shape[1] - target_pos % ids.shape[1] if cache is None else 1)
+            results.append(out.logits[:, 0])
+        else:
+            with target.trace(edits=edits):
+                gen = target.hf.generate(input_ids=run_ids, attention_mask=torch.ones_like(run_ids),
+                                         past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=target.tokenizer.pad_token_id)
+            results += list(gen[:, ids.shape[1]:])
 
     if decode == "next_token":
-        keep = ids.shape[1] - target_pos % ids.shape[1]  # unembed only from target_pos on
-        with target.trace(edits=edits):
-            logits = target.hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                               logits_to_keep=keep).logits
-        out = logits[:, 0].reshape(n_p, n_l, -1)
+        out = torch.cat(results).reshape(n_p, n_l, -1)
         if one_layer:
             out = out[:, 0]
         return out[0] if one_prompt else out
 
-    with target.trace(edits=edits):
-        gen = target.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=target.tokenizer.pad_token_id)
-    new = gen[:, ids.shape[1]:]
-    items = [new[r] if return_ids else target.tokenizer.decode(new[r], skip_special_tokens=True)
-             for r in range(new.shape[0])]
+    items = [r if return_ids else target.tokenizer.decode(r, skip_special_tokens=True) for r in results]
     table = [items[p * n_l:(p + 1) * n_l] for p in range(n_p)]
     if one_layer:
         table = [row[0] for row in table]
