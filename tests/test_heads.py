@@ -203,3 +203,12 @@ def test_capital_heads_on_smollm(smollm):
     uni = torch.unique(torch.cat([torch.arange(2048), tgt]))
     sc = H.relation_scores(smollm, src[:20], tgt[:20], k=10, universe=uni, layers=range(20, 26))
     assert sc["relation"].max() > 0.5
+
+
+def test_factored_composition_equals_dense(model):
+    for kind in ("q", "k", "v"):
+        got = H.composition_scores(model, [(0, 1), (1, 3)], [(2, 0)], kind=kind)
+        for i, s in enumerate([(0, 1), (1, 3)]):
+            ov, qk, ov_r = H.W_OV(model, *s), H.W_QK(model, 2, 0), H.W_OV(model, 2, 0)
+            A, B = {"k": (qk, ov.T), "q": (ov, qk), "v": (ov, ov_r)}[kind]
+            assert abs(float(got[i, 0]) - H.composition_score(A, B)) < 1e-4

@@ -360,29 +360,68 @@ def composition_score(A: torch.Tensor, B: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(A @ B) / (torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)))
 
 
-def _composition_pair(kind: str, ov_send: torch.Tensor, recv_qk: torch.Tensor, recv_ov: torch.Tensor) -> tuple:
-    if kind == "k":   # sender writes at the key position: x_q W_QK (x_s W_OV)^T
-        return recv_qk, ov_send.T
-    if kind == "q":   # sender writes at the query position: (x_s W_OV) W_QK x_k^T
-        return ov_send, recv_qk
-    if kind == "v":   # sender output read by the receiver's values: x_s W_OV^s W_OV^r
-        return ov_send, recv_ov
-    raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
+class _LowRank:
+    """A ``d x d`` matrix kept as ``left @ right`` (``[d, r] @ [r, d]``), with the triangular
+    factors of ``left`` and ``right.T`` so that Frobenius norms of products cost ``r x r``."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, t_left=None, t_right=None):
+        self.left, self.right = left, right
+        self.t_left = torch.linalg.qr(left).R if t_left is None else t_left        # left = U_l t_left
+        self.t_right = torch.linalg.qr(right.T).R if t_right is None else t_right  # right.T = U_r t_right
+
+    def norm(self) -> torch.Tensor:
+        return torch.linalg.matrix_norm(self.t_left @ self.t_right.T)
+
+    def times(self, other: "_LowRank") -> torch.Tensor:
+        """``||self @ other||_F`` without forming ``d x d`` matrices."""
+        return torch.linalg.matrix_norm(self.t_left @ (self.right @ other.left) @ other.t_right.T)
+
+    @property
+    def T(self) -> "_LowRank":
+        return _LowRank(self.right.T, self.left.T, self.t_right, self.t_left)
+
+
+def _ov_factors(model, layer, head, fold_norm) -> _LowRank:
+    a = model.anatomy
+    W_V = a.W_V(layer)[head].detach()
+    if fold_norm:
+        W_V = norm_gain(a.ln1(layer), model.d_model)[:, None] * W_V
+    return _LowRank(W_V, a.W_O(layer)[head].detach())
+
+
+def _qk_factors(model, layer, head, fold_norm) -> _LowRank:
+    a = model.anatomy
+    W_Q, W_K = a.W_Q(layer)[head].detach(), a.W_K(layer)[head].detach()
+    if fold_norm:
+        g = norm_gain(a.ln1(layer), model.d_model)[:, None]
+        W_Q, W_K = g * W_Q, g * W_K
+    return _LowRank(W_Q, W_K.T)
 
 
 def composition_scores(model, senders: Sequence[tuple[int, int]], receivers: Sequence[tuple[int, int]],
                        *, kind: str = "k", fold_norm: bool = True) -> torch.Tensor:
     """Composition scores ``[n_senders, n_receivers]`` between sender heads' OV circuits and
-    receiver heads' QK (``kind="q"`` or ``"k"``) or OV (``"v"``) circuits. Heads are
-    ``(layer, head)`` pairs; a receiver must sit in a later layer than its sender to compose
-    (other pairs are scored anyway; interpret them as a baseline)."""
-    ovs = [W_OV(model, l, h, fold_norm=fold_norm) for l, h in senders]
-    rq = [W_QK(model, l, h, fold_norm=fold_norm) if kind != "v" else None for l, h in receivers]
-    ro = [W_OV(model, l, h, fold_norm=fold_norm) if kind == "v" else None for l, h in receivers]
-    out = torch.zeros(len(senders), len(receivers))
-    for i, ov in enumerate(ovs):
-        for j in range(len(receivers)):
-            out[i, j] = composition_score(*_composition_pair(kind, ov, rq[j], ro[j]))
+    receiver heads' QK (``kind="q"`` or ``"k"``) or OV (``"v"``) circuits:
+    K: ``||W_QK W_OV^T||``, Q: ``||W_OV W_QK||``, V: ``||W_OV^s W_OV^r||``, each divided by
+    both Frobenius norms (:func:`composition_score`). Heads are ``(layer, head)`` pairs; a
+    receiver must sit in a later layer than its sender to compose (other pairs are scored
+    anyway; read them as a baseline). Computed on the rank-``d_head`` factors, so no
+    ``d_model x d_model`` matrix is formed."""
+    if kind not in ("q", "k", "v"):
+        raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
+    with torch.no_grad():
+        ovs = [_ov_factors(model, l, h, fold_norm) for l, h in senders]
+        recv = [(_ov_factors if kind == "v" else _qk_factors)(model, l, h, fold_norm) for l, h in receivers]
+        ov_norms = [ov.norm() for ov in ovs]
+        r_norms = [r.norm() for r in recv]
+        if kind == "k":
+            ovs = [ov.T for ov in ovs]
+        out = torch.zeros(len(senders), len(receivers))
+        for i, ov in enumerate(ovs):
+            for j, r in enumerate(recv):
+                # k: ||W_QK W_OV^T|| ; q: ||W_OV W_QK|| ; v: ||W_OV^s W_OV^r||
+                num = r.times(ov) if kind == "k" else ov.times(r)
+                out[i, j] = num / (ov_norms[i] * r_norms[j])
     return out
 
 
