@@ -74,3 +74,10 @@ def test_collect_outputs_on_the_real_model():
     assert out.prompt_ids[2] == m.tokenizer("The cat")["input_ids"]
     # the first step of generation is the model's next-token distribution
     assert int(out.top1[0]) == int(m.run(prompts[0]).last_logits.argmax())
+
+
+def test_training_works_with_gradients_turned_off():
+    features, ids = torch.randn(20, 8), [[1, 2]] * 10 + [[3, 4]] * 10
+    with torch.no_grad():
+        inv, vocab = train_inverter(features, ids, hidden=16, epochs=2)
+    assert len(predict_tokens(inv, vocab, features)) == 20

@@ -200,6 +200,11 @@ def train_inverter(features: torch.Tensor, prompt_ids: list[list[int]], *, vocab
                    hidden: int = 1024, epochs: int = 60, batch_size: int = 128, lr: float = 2e-3,
                    weight_decay: float = 1e-2, seed: int = 0) -> tuple[Inverter, Vocabulary]:
     """Fit an :class:`Inverter` by cross-entropy per position (Adam, minibatches, seeded)."""
+    with torch.enable_grad():  # also when the caller turned gradients off
+        return _train(features, prompt_ids, vocab, hidden, epochs, batch_size, lr, weight_decay, seed)
+
+
+def _train(features, prompt_ids, vocab, hidden, epochs, batch_size, lr, weight_decay, seed):
     torch.manual_seed(seed)
     vocab = vocab or Vocabulary.from_prompts(prompt_ids)
     y = vocab.targets(prompt_ids)
