@@ -52,8 +52,9 @@ TEMPLATES = [
 
 SLOTS = {"name": NAMES, "place": PLACES, "object": OBJECTS, "adjective": ADJECTIVES, "activity": ACTIVITIES}
 
-__all__ = ["TEMPLATES", "SLOTS", "make_prompts", "collect_outputs", "Inverter", "train_inverter",
-           "predict_tokens", "token_prf", "inversion_scores", "PromptSet", "ModelOutputs"]
+__all__ = ["TEMPLATES", "SLOTS", "PromptSet", "make_prompts", "ModelOutputs", "collect_outputs", "Inverter",
+           "Vocabulary", "bag_of_tokens", "train_inverter", "predict_tokens", "token_prf", "inversion_scores",
+           "position_accuracy", "majority_baseline"]
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Inverter(nn.Module):
                                  nn.Linear(hidden, length * n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, length, n_classes]`` for features ``x [n, d_in]``."""
         return self.net(x).view(-1, self.length, self.n_classes)
 
 
@@ -240,13 +242,13 @@ def token_prf(predicted: list[int], reference: list[int]) -> tuple[float, float,
 
 
 def inversion_scores(predicted: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
-    """Mean token precision, recall, F1 (in %) and exact recovery (% of prompts)."""
+    """Mean token precision, recall, F1 (in %) and exact recovery (% of prompts), as floats."""
     if len(predicted) != len(reference):
         raise ValueError(f"{len(predicted)} predictions for {len(reference)} prompts.")
     prf = np.array([token_prf(p, r) for p, r in zip(predicted, reference)])
     exact = np.mean([p == r for p, r in zip(predicted, reference)])
-    return {"precision": 100 * prf[:, 0].mean(), "recall": 100 * prf[:, 1].mean(),
-            "f1": 100 * prf[:, 2].mean(), "exact": 100 * float(exact)}
+    return {"precision": float(100 * prf[:, 0].mean()), "recall": float(100 * prf[:, 1].mean()),
+            "f1": float(100 * prf[:, 2].mean()), "exact": float(100 * exact)}
 
 
 def position_accuracy(predicted: list[list[int]], reference: list[list[int]], length: int) -> np.ndarray:
