@@ -59,6 +59,8 @@ def test_align_words_maps_every_token_to_its_word():
     ids, word_of = P.align_words(_WordTokenizer(), ["ab", "c"])
     assert word_of == [-1, 0, 0, 1, 1]  # BOS, 'a', 'b', ' ', 'c'
     assert len(ids) == len(word_of)
+    ids2, word_of2 = P.align_words(_WordTokenizer(), ["ab", "c"], prefix="xy")
+    assert word_of2 == [-1, -1, -1, 0, 0, 1, 1] and ids2[3:] == ids[1:]
 
 
 # --- linear read-outs --------------------------------------------------------------------

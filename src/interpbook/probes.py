@@ -129,18 +129,22 @@ def last_token_features(model, prompts, layers: Sequence[int] | None = None,
     return torch.stack(feats, dim=1)
 
 
-def align_words(tokenizer, words: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Token ids of ``" ".join(words)`` and, for each token, the index of its word.
+def align_words(tokenizer, words: Sequence[str], prefix: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of ``prefix + " ".join(words)`` and, for each token, the index of its word.
 
     Each word is tokenised on its own (with a leading space after the first), which for
     byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2, Qwen) equals tokenising the
-    sentence. Special tokens the tokenizer adds at the start (BOS) get word index -1.
+    sentence. Special tokens the tokenizer adds at the start (BOS) and the tokens of
+    ``prefix`` (e.g. ``tokenizer.bos_token``, so that no word sits at position 0, where
+    causal LMs park an outlier "attention sink" activation) get word index -1.
     """
     ids: list[int] = []
     word_of: list[int] = []
     bos = tokenizer("", add_special_tokens=True)["input_ids"]
     ids += list(bos)
-    word_of += [-1] * len(bos)
+    if prefix:
+        ids += tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    word_of += [-1] * len(ids)
     for i, w in enumerate(words):
         piece = tokenizer(("" if i == 0 else " ") + w, add_special_tokens=False)["input_ids"]
         ids += piece
@@ -149,20 +153,21 @@ def align_words(tokenizer, words: Sequence[str]) -> tuple[list[int], list[int]]:
 
 
 def word_features(model, sentences: Sequence[Sequence[str]] | None = None,
-                  layers: Sequence[int] | None = None, *, tokens=None,
+                  layers: Sequence[int] | None = None, *, tokens=None, prefix: str = "",
                   batch_size: int = 32) -> list[torch.Tensor]:
     """Per-word representations: a list with one ``[len(layers), n_words, d_model]`` tensor
     per sentence, each word the mean of its subword tokens (as Hewitt & Manning average
     BERT's word pieces).
 
     Give ``sentences`` as lists of words (aligned with :func:`align_words`), or give
-    ``tokens`` directly as ``(ids, word_of)`` pairs.
+    ``tokens`` directly as ``(ids, word_of)`` pairs. ``prefix`` is passed to
+    :func:`align_words`.
     """
     layers = list(range(model.n_layers + 1)) if layers is None else list(layers)
     if tokens is None:
         if sentences is None:
             raise ValueError("word_features needs sentences or tokens")
-        tokens = [align_words(model.tokenizer, s) for s in sentences]
+        tokens = [align_words(model.tokenizer, s, prefix) for s in sentences]
     seqs = [list(ids) for ids, _ in tokens]
     maps = [torch.as_tensor(list(w)) for _, w in tokens]
     n_words = [int(m.max()) + 1 for m in maps]
@@ -473,10 +478,16 @@ class DistanceProbe(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.B = torch.nn.Parameter(torch.rand(rank, d_model, generator=g) * 2 / np.sqrt(d_model) - 1 / np.sqrt(d_model))
+        self.register_buffer("center", torch.zeros(d_model))
+        self.register_buffer("scale", torch.ones(d_model))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``B`` applied to the standardised features (a linear map all the same)."""
+        return ((torch.as_tensor(h, dtype=torch.float32) - self.center) / self.scale) @ self.B.T
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``h [..., n, d]`` -> squared probe distances ``[..., n, n]``."""
-        z = h @ self.B.T
+        z = self.project(h)
         sq = (z ** 2).sum(-1)
         return (sq[..., :, None] + sq[..., None, :] - 2 * z @ z.transpose(-1, -2)).clamp(min=0)
 
@@ -486,7 +497,7 @@ class DepthProbe(DistanceProbe):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``h [..., n, d]`` -> squared probe norms ``[..., n]``."""
-        return ((h @ self.B.T) ** 2).sum(-1)
+        return (self.project(h) ** 2).sum(-1)
 
 
 def _pad_words(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -501,13 +512,16 @@ def _pad_words(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 def train_structural_probe(feats: Sequence[torch.Tensor], heads_list: Sequence[Sequence[int]],
                            kind: str = "distance", *, rank: int = 64, steps: int = 300,
-                           lr: float = 5e-3, seed: int = 0) -> DistanceProbe:
+                           lr: float = 5e-3, seed: int = 0, standardize: bool = True) -> DistanceProbe:
     """Train a :class:`DistanceProbe` (``kind="distance"``) or :class:`DepthProbe`
     (``kind="depth"``) on per-word features ``[n_words, d]`` of each sentence.
 
     Loss as in Hewitt & Manning: the L1 difference between gold and predicted tree
     distances (depths), averaged over the word pairs (words) of each sentence, then over
-    sentences. Full-batch Adam; features are used as given.
+    sentences. Full-batch Adam. With ``standardize`` (the default) each feature is first
+    centred and scaled by its training mean and standard deviation (stored in the probe),
+    which keeps the optimisation well conditioned when residual-stream norms grow with
+    depth; the probe stays a linear map of the features.
     """
     if kind not in ("distance", "depth"):
         raise ValueError("kind is 'distance' or 'depth'")
@@ -526,6 +540,10 @@ def train_structural_probe(feats: Sequence[torch.Tensor], heads_list: Sequence[S
             gold[i, :len(heads)] = torch.as_tensor(tree_depths(heads), dtype=torch.float32)
         pair_mask = mask.float()
         probe = DepthProbe(H.shape[-1], rank, seed)
+    if standardize:
+        words = H[mask]
+        probe.center.copy_(words.mean(0))
+        probe.scale.copy_(words.std(0) + 1e-6)
     norm = pair_mask.flatten(1).sum(1)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     with torch.enable_grad():
