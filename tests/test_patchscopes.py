@@ -97,8 +97,8 @@ def test_real_model_identity_patchscope_reads_a_token():
     import interpbook as ib
     from interpbook.patchscopes import IDENTITY_PROMPT
     m = ib.load_model()
-    logits = patchscope(m, "The Eiffel Tower is in Paris", 2, -1, IDENTITY_PROMPT)
-    assert m.tokenizer.decode(logits.argmax()).strip() == "Paris"
+    logits = patchscope(m, "The Eiffel Tower is in the city of", 25, -1, IDENTITY_PROMPT)
+    assert m.tokenizer.decode(logits.argmax()).strip() == "Paris"  # the logit lens still reads punctuation there
     lens = ib.logit_lens(m, "The capital of France is")[:, 0]
     torch.testing.assert_close(logit_lens_patchscope(m, "The capital of France is"), lens, rtol=1e-3, atol=1e-3)
 
