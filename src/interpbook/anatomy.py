@@ -202,7 +202,7 @@ class Anatomy:
 
     @property
     def embed_scale(self) -> float:
-        """Factor the model multiplies embeddings by: sqrt(d_model) for Gemma, 1 elsewhere."""
+        """How much the model scales token embeddings (sqrt(d_model) for Gemma, 1 elsewhere)."""
         return 1.0
 
     @property
