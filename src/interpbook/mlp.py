@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .lenses import top_tokens
 from .lm import Model, Prompts
 
 __all__ = [
@@ -70,8 +71,7 @@ def value_logits(model: Model, layer: int, neurons: Sequence[int] | torch.Tensor
 
 def value_top_tokens(model: Model, layer: int, neuron: int, k: int = 10, *, sign: float = 1.0) -> list[str]:
     """The ``k`` tokens a value vector promotes most (``sign=-1``: when its neuron is negative)."""
-    logits = sign * value_logits(model, layer, [neuron])[0]
-    return [model.tokenizer.decode([int(i)]) for i in logits.topk(k).indices]
+    return top_tokens(model, sign * value_logits(model, layer, [neuron])[0], k)[0]
 
 
 # --- keys: top-activating contexts over a corpus ---------------------------------------------
@@ -294,11 +294,8 @@ def top_sub_updates(model: Model, prompt: str, layer: int, k: int = 10, *, n_tok
     weight = m.abs() * W_out.norm(dim=1)
     best = weight.topk(k).indices
     logits = value_logits(model, layer, best) * m[best, None].sign()
-    out = []
-    for n, row in zip(best.tolist(), logits):
-        toks = tuple(model.tokenizer.decode([int(i)]) for i in row.topk(n_tokens).indices)
-        out.append(SubUpdate(n, float(m[n]), float(weight[n]), toks))
-    return out
+    return [SubUpdate(n, float(m[n]), float(weight[n]), tuple(toks))
+            for n, toks in zip(best.tolist(), top_tokens(model, logits, n_tokens))]
 
 
 def token_contributions(model: Model, prompts: Prompts, layer: int, tokens: Sequence[int], *,
