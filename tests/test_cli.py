@@ -70,5 +70,76 @@ def test_kernel_environment(monkeypatch):
     import os
 
     assert "MPLBACKEND" not in os.environ
-    assert os.environ["PYTHONWARNINGS"] == "ignore::DeprecationWarning,ignore:IProgress not found:Warning"
+    assert os.environ["PYTHONWARNINGS"] == ",".join(["ignore::DeprecationWarning", *cli.QUIET_WARNINGS])
     assert os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_kernels_print_no_missing_glyph_warning(monkeypatch):
+    """A figure with CJK and Thai text (no glyphs in DejaVu Sans) writes nothing to stderr
+    in a process started with the book's kernel environment."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    cli.kernel_environment()
+    code = (
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots()\nax.set_xticks([0, 1], ['\u65e5\u672c', '\u0e44\u0e17\u0e22'])\n"
+        "fig.savefig(__import__('io').BytesIO(), format='png')\nprint('drawn')\n"
+    )
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "drawn" in proc.stdout, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    unfiltered = dict(os.environ, PYTHONWARNINGS="")
+    proc = subprocess.run([sys.executable, "-c", code], env=unfiltered, capture_output=True,
+                          text=True, timeout=120)
+    assert "missing from font" in proc.stderr, "the check above would pass without the filter"
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_export_to_an_unwritable_place_is_a_clear_error(kind, tmp_path, capsys):
+    import os
+
+    if kind == "file":
+        target = tmp_path / "not-a-folder"
+        target.write_text("a file where the starters should go")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        target = tmp_path / "read-only"
+        target.mkdir()
+        target.chmod(0o500)
+    assert cli.main(["export", str(PAGE), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("interpbook export: error: cannot write the starters into") and "-o" in err
+    assert "Traceback" not in err
+
+
+def test_export_into_a_path_below_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["export", str(PAGE), "-o", str(blocker / "sub")]) == 2
+    assert "cannot write the starters into" in capsys.readouterr().err
+
+
+def test_models_flags_a_garbage_model_name(monkeypatch, capsys):
+    monkeypatch.setenv("INTERPBOOK_MODEL", "no-such-model!!")
+    assert cli.main(["models"]) == 2
+    captured = capsys.readouterr()
+    assert "smollm2-135m" in captured.out, "the registry is still listed"
+    assert "INTERPBOOK_MODEL='no-such-model!!' cannot be loaded" in captured.err
+
+
+@pytest.mark.parametrize("name", ["", "smollm2-135m", "gemma-3-270m"])
+def test_models_accepts_registry_names(name, monkeypatch, capsys):
+    monkeypatch.setenv("INTERPBOOK_MODEL", name)
+    assert cli.main(["models"]) == 0
+    assert "default model" in capsys.readouterr().out
+
+
+def test_models_accepts_a_local_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("INTERPBOOK_MODEL", str(tmp_path))
+    assert cli.main(["models"]) == 0

@@ -22,7 +22,11 @@ from . import starters
 CHAPTERS_ENV = "INTERPBOOK_CHAPTERS"
 """Comma-separated chapter folders to build; unset builds every chapter (read by book/conf.py)."""
 
-_IPROGRESS_FILTER = "ignore:IProgress not found:Warning"
+QUIET_WARNINGS = (
+    "ignore:IProgress not found:Warning",  # transformers imports tqdm.auto
+    "ignore:Glyph:UserWarning",  # matplotlib: "Glyph 12354 (...) missing from font(s) DejaVu Sans."
+)
+"""``PYTHONWARNINGS`` filters every book kernel starts with (stderr fails the build)."""
 
 
 def kernel_environment() -> None:
@@ -30,13 +34,15 @@ def kernel_environment() -> None:
 
     * ``MPLBACKEND`` (e.g. ``Agg`` set by CI) makes the inline backend silently drop
       every figure, so it is removed.
-    * tqdm's "IProgress not found" warning (transformers imports ``tqdm.auto``) and
-      progress bars would otherwise print onto the pages as stderr output.
+    * tqdm's "IProgress not found" warning (transformers imports ``tqdm.auto``),
+      progress bars, and matplotlib's missing-glyph warnings (a token in a CJK or Thai
+      script drawn with DejaVu Sans shows as a box) would otherwise print onto the pages
+      as stderr output: :data:`QUIET_WARNINGS` silences the warnings in every kernel.
     """
     os.environ.pop("MPLBACKEND", None)
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
-    if _IPROGRESS_FILTER not in filters:
-        os.environ["PYTHONWARNINGS"] = ",".join([*filters, _IPROGRESS_FILTER])
+    filters += [f for f in QUIET_WARNINGS if f not in filters]
+    os.environ["PYTHONWARNINGS"] = ",".join(filters)
     os.environ["TQDM_DISABLE"] = "1"
 
 
@@ -103,16 +109,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     book_dir = starters.find_book_dir()
     _pages(args.chapter, book_dir)
     out = Path(args.output) if args.output else Path("starters") / Path(args.chapter).stem
-    for path in starters.export_starter(args.chapter, out, book_dir=book_dir):
+    try:
+        written = starters.export_starter(args.chapter, out, book_dir=book_dir)
+    except OSError as exc:  # not a folder, read-only, disk full: say where, not a traceback
+        print(f"interpbook export: error: cannot write the starters into {out} ({exc}); "
+              "give -o a writable folder", file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the model registry (imported lazily: it loads torch and transformers)."""
-    from .models import describe_models
+    """Print the model registry, then check the model ``INTERPBOOK_MODEL`` selects.
 
-    print(describe_models())
+    Exits 2 when that model cannot be loaded here (an unknown name, a missing folder,
+    a Hugging Face id that is not cached while offline), with the loader's message.
+    The registry is imported lazily: it loads torch and transformers.
+    """
+    from . import models
+
+    print(models.describe_models())
+    selected = os.environ.get("INTERPBOOK_MODEL")
+    if selected and selected not in models.REGISTRY:
+        try:
+            models._hf_source(selected)
+        except (models.ModelNotInstalled, ValueError) as exc:  # ValueError: not a valid HF id
+            print(f"interpbook models: error: INTERPBOOK_MODEL={selected!r} cannot be loaded: {exc}",
+                  file=sys.stderr)
+            return 2
     return 0
 
 
