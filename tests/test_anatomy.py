@@ -5,6 +5,8 @@ import torch
 from tiny_models import CONFIGS, random_ids, tiny_model
 
 import interpbook as ib
+from interpbook import lenses
+from interpbook.anatomy import norm_as_linear
 
 FAMILIES = list(CONFIGS)
 ATOL = 1e-5
@@ -145,3 +147,129 @@ def test_unknown_architecture_is_named():
         config = type("C", (), {"model_type": "rwkv"})()
     with pytest.raises(NotImplementedError, match="rwkv.*supported: .*llama"):
         ib.anatomy_for(Fake())
+
+
+# --- norm folding and direct logit attribution ---------------------------------------------
+def _norms(a):
+    """Every normalisation module of the model, with a name for failure messages."""
+    named = [("final", a.final_norm())]
+    for layer in range(a.n_layers):
+        named += [(f"ln1.{layer}", a.ln1(layer)), (f"ln2.{layer}", a.ln2(layer)),
+                  (f"post_attn.{layer}", a.post_attn_norm(layer)), (f"post_mlp.{layer}", a.post_mlp_norm(layer))]
+    return named
+
+
+def test_every_norm_is_centre_scale_gain_plus_bias(model):
+    """norm(x) = norm_as_linear(norm, x, x) + bias, whatever the family's norm."""
+    x = torch.randn(3, 5, model.d_model) * 3 + 0.5
+    for name, norm in _norms(model.anatomy):
+        bias = getattr(norm, "bias", None)
+        with torch.no_grad():
+            expected = norm(x)
+        got = norm_as_linear(norm, x, x) + (0 if bias is None else bias)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5, msg=name)
+
+
+def test_norm_gain_follows_each_parameterisation():
+    """Llama's RMSNorm multiplies by g, Gemma's by 1 + g, LayerNorm by its weight."""
+    for family, gain_of in [("llama", lambda n: n.weight), ("gemma3", lambda n: 1 + n.weight),
+                            ("gpt2", lambda n: n.weight)]:
+        a = tiny_model(family).anatomy
+        norm = a.final_norm()
+        torch.testing.assert_close(a.norm_gain(norm), gain_of(norm).detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.folded_W_U(), gain_of(norm).detach()[:, None] * a.W_U)
+    assert torch.equal(ib.anatomy.norm_gain(torch.nn.Identity(), 4), torch.ones(4))
+    with pytest.raises(TypeError, match="not a normalisation"):
+        ib.anatomy.norm_gain(torch.nn.ReLU(), 4)
+
+
+def _softcap(model, logits):
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _final_bias_logits(a):
+    """The constant part of the logits: the final norm's bias read out, plus b_U."""
+    bias = getattr(a.final_norm(), "bias", None)
+    out = torch.zeros(a.d_vocab) if bias is None else bias.detach() @ a.W_U.detach()
+    return out if a.b_U is None else out + a.b_U.detach()
+
+
+def test_dla_of_every_component_sums_to_the_logits(model):
+    """embedding (with positions) + every attn_out + every mlp_out = the final residual, so
+    their direct logit attributions add up to the model's logits (softcap applied after)."""
+    ids = random_ids()
+    last = model.n_layers - 1
+    run = model.run(ids, cache=[("resid_pre", 0), "attn_out", "mlp_out", ("resid_post", last)])
+    parts = [run.cache["resid_pre", 0]] + [run.cache[s, l] for l in range(model.n_layers)
+                                           for s in ("attn_out", "mlp_out")]
+    final = run.cache["resid_post", last]
+    torch.testing.assert_close(sum(parts), final, atol=1e-5, rtol=1e-5)
+    dla = lenses.direct_logit_attribution(model, torch.stack(parts), final)
+    assert dla.shape == (len(parts), *final.shape[:-1], model.d_vocab)
+    total = dla.sum(0) + _final_bias_logits(model.anatomy)
+    torch.testing.assert_close(_softcap(model, total), run.logits, atol=1e-4, rtol=1e-4)
+    # chosen tokens and a single token are columns of the full attribution
+    torch.testing.assert_close(lenses.direct_logit_attribution(model, parts[1], final, [5, 2]),
+                               dla[1][..., [5, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lenses.direct_logit_attribution(model, parts[1], final, 7),
+                               dla[1][..., 7], atol=1e-5, rtol=1e-5)
+
+
+def test_dla_of_heads_sums_to_the_attention_output(model):
+    """Per-head outputs z_h W_O[h] (through the post-attention norm frozen at the layer's
+    output, for Gemma) split the attention output's attribution exactly."""
+    a = model.anatomy
+    layer, last = 1, model.n_layers - 1
+    run = model.run(random_ids(), cache=[("attn_z", layer), ("attn_out", layer), ("resid_post", last)])
+    z = run.cache["attn_z", layer]
+    heads = torch.einsum("bphe,hed->hbpd", z, a.W_O(layer))  # heads first: they broadcast
+    b_O = torch.zeros(model.d_model) if a.b_O(layer) is None else a.b_O(layer)
+    with torch.no_grad():
+        before_norm = heads.sum(0) + b_O
+    heads = norm_as_linear(a.post_attn_norm(layer), heads, before_norm)
+    final = run.cache["resid_post", last]
+    per_head = lenses.direct_logit_attribution(model, heads, final, [3, 4])
+    rest = lenses.direct_logit_attribution(model, run.cache["attn_out", layer], final, [3, 4])
+    bias = norm_as_linear(a.post_attn_norm(layer), b_O.expand_as(before_norm), before_norm)
+    rest = rest - lenses.direct_logit_attribution(model, bias, final, [3, 4])
+    torch.testing.assert_close(per_head.sum(0), rest, atol=1e-4, rtol=1e-4)
+
+
+def test_final_norm_scale(model):
+    x = torch.randn(2, 3, model.d_model)
+    s = lenses.final_norm_scale(model, x)
+    assert s.shape == (2, 3)
+    centred = x - x.mean(-1, keepdim=True) if model.anatomy.family in ("gpt2", "gpt_neox") else x
+    with torch.no_grad():
+        ref = 1 / centred.pow(2).mean(-1).add(ib.anatomy.norm_eps(model.anatomy.final_norm())).sqrt()
+    torch.testing.assert_close(s, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dla_bad_shapes_are_explained():
+    model = tiny_model("llama")
+    final = torch.randn(2, model.d_model)
+    with pytest.raises(ValueError, match="d_model=32"):
+        lenses.direct_logit_attribution(model, torch.randn(2, 7), final)
+    with pytest.raises(ValueError, match="put extra dimensions"):
+        lenses.direct_logit_attribution(model, torch.randn(2, 4, model.d_model), torch.randn(3, model.d_model))
+    with pytest.raises(ValueError, match="token ids in 0..100"):
+        lenses.direct_logit_attribution(model, final, final, [model.d_vocab])
+
+
+def test_token_contributions_sum_to_the_mlp_attribution(model):
+    """mlp.token_contributions is in real logit units: its neurons add up to the DLA of the
+    layer's mlp_out (less the output bias's share)."""
+    from interpbook import mlp
+
+    a = model.anatomy
+    layer, last, toks = 1, model.n_layers - 1, [3, 7, 11]
+    ids = random_ids()
+    contrib = mlp.token_contributions(model, ids, layer, toks)
+    assert contrib.shape == (2, model.d_mlp, 3)
+    run = model.run(ids, cache=[("mlp_out", layer), ("mlp_act", layer), ("resid_post", last)])
+    final = run.cache["resid_post", last][:, -1]
+    expected = lenses.direct_logit_attribution(model, run.cache["mlp_out", layer][:, -1], final, toks)
+    if a.b_out(layer) is not None:  # sequential: the bias adds after the neurons, no post-norm
+        expected = expected - lenses.direct_logit_attribution(model, a.b_out(layer).detach().expand_as(final), final, toks)
+    torch.testing.assert_close(contrib.sum(1), expected, atol=1e-4, rtol=1e-4)

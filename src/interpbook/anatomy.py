@@ -254,6 +254,21 @@ class Anatomy:
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    # --- norm folding -------------------------------------------------------------------
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-dimension gain ``g`` of a normalisation module ``[d_model]``, the diagonal
+        that norm folding multiplies into the next weight matrix (see :func:`norm_gain`)."""
+        return norm_gain(norm, self.d_model)
+
+    def folded_W_U(self) -> torch.Tensor:
+        """The unembedding with the final norm's gain folded in, ``diag(g) W_U`` ``[d_model, vocab]``.
+
+        A residual vector reaches the logits as ``(centred(x) * scale(x)) @ folded_W_U`` plus
+        constant biases, where ``scale`` is shared by everything in the residual stream at that
+        position (see :func:`interpbook.lenses.direct_logit_attribution`)."""
+        with torch.no_grad():
+            return self.norm_gain(self.final_norm())[:, None] * self.W_U
+
     def mlp_act_from(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Neuron activations for an already-normalised MLP input ``x`` [.., d_model]."""
         act = self.act_fn(layer)
@@ -261,6 +276,88 @@ class Anatomy:
         if self.gated:
             return act(x @ self.W_gate(layer)) * pre
         return act(pre)
+
+
+def norm_kind(norm: nn.Module) -> str:
+    """``"layernorm"`` (centre, divide by the standard deviation), ``"rmsnorm"`` (divide by
+    the root mean square; Llama's gain ``g``, Gemma's ``1 + g``) or ``"identity"``."""
+    if isinstance(norm, nn.Identity):
+        return "identity"
+    if isinstance(norm, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(norm, nn.RMSNorm) or (
+            hasattr(norm, "weight") and (hasattr(norm, "variance_epsilon") or hasattr(norm, "eps"))):
+        return "rmsnorm"
+    raise TypeError(
+        f"{type(norm).__name__} is not a normalisation interpbook knows how to fold: expected "
+        "nn.LayerNorm, an RMSNorm (a module with `weight` and `eps`/`variance_epsilon`) or nn.Identity.")
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon a normalisation adds under its square root (0 for ``nn.Identity``)."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0))
+    if eps is None:  # torch.nn.RMSNorm's default: the dtype's machine epsilon
+        eps = torch.finfo(norm.weight.dtype if norm.weight is not None else torch.float32).eps
+    return float(eps)
+
+
+def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
+    """The per-dimension gain of a normalisation module ``[d_model]``.
+
+    LayerNorm: its ``weight`` (centring and bias are not part of the gain). RMSNorm: read off
+    the module itself by normalising a vector of ones (RMS 1), so Llama's ``g`` and Gemma's
+    ``1 + g`` both come out right without knowing the parameterisation; the ``eps`` under the
+    square root is divided back out. Identity: ones."""
+    kind = norm_kind(norm)
+    if kind == "identity":
+        return torch.ones(d_model)
+    if kind == "layernorm":
+        return norm.weight.detach() if norm.weight is not None else torch.ones(d_model)
+    w = norm.weight
+    ones = torch.ones(1, d_model, dtype=torch.float32 if w is None else w.dtype,
+                      device=None if w is None else w.device)
+    with torch.no_grad():
+        return norm(ones)[0] * (1.0 + norm_eps(norm)) ** 0.5
+
+
+def norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The factor a normalisation divides ``x [..., d_model]`` by, inverted: ``[...]``.
+
+    ``1 / sqrt(mean(x^2) + eps)`` for RMSNorm, ``1 / sqrt(var(x) + eps)`` for LayerNorm,
+    1 for Identity. Together with :func:`norm_gain` and centring,
+    ``norm(x) = centred(x) * scale(x) * gain + bias``."""
+    kind = norm_kind(norm)
+    x = x.detach().float()
+    if kind == "identity":
+        return torch.ones(x.shape[:-1], device=x.device)
+    spread = x.var(-1, unbiased=False) if kind == "layernorm" else x.pow(2).mean(-1)
+    return torch.rsqrt(spread + norm_eps(norm))
+
+
+def norm_as_linear(norm: nn.Module, components: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``norm`` to each of ``components [..., d_model]`` as the linear map it is once
+    its scale is frozen at ``x`` (the full input the components sum to), without the bias.
+
+    ``norm(x) = sum_c norm_as_linear(norm, c, x) + bias`` whenever ``sum_c c = x``. The
+    components broadcast against ``x``: put extra leading dimensions first, e.g.
+    ``[n_components, batch, pos, d_model]`` against ``x [batch, pos, d_model]``."""
+    if components.shape[-1] != x.shape[-1]:
+        raise ValueError(f"Components end in {components.shape[-1]} dimensions but the normalised "
+                         f"input ends in {x.shape[-1]}: both must be d_model vectors.")
+    d = x.shape[-1]
+    gain = norm_gain(norm, d).to(device=components.device, dtype=torch.float32)
+    c = components.float()
+    if norm_kind(norm) == "layernorm":
+        c = c - c.mean(-1, keepdim=True)
+    scale = norm_scale(norm, x)[..., None]
+    try:
+        torch.broadcast_shapes(c.shape, scale.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"Components of shape {tuple(components.shape)} do not line up with the normalised input "
+            f"of shape {tuple(x.shape)}: the input's dimensions must match the components' last ones "
+            "(put extra dimensions such as heads or neurons first).") from None
+    return c * scale * gain
 
 
 class LlamaAnatomy(Anatomy):

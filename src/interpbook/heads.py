@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .anatomy import norm_gain as _norm_gain
 from .tracing import edit
 
 __all__ = [
@@ -111,23 +112,11 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # --- weights in vocabulary space (MAPS) -----------------------------------------------------
 def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
-    """The per-dimension gain of a normalisation module ``[d_model]``: the diagonal that
-    "norm folding" multiplies into the next weight matrix.
-
-    For LayerNorm it is ``weight`` (the centring and bias are not folded); for RMSNorm
-    (Llama's ``weight``, Gemma's ``1 + weight``) it is read off the module itself by
-    normalising a vector of ones, whose RMS is 1."""
-    if isinstance(norm, nn.LayerNorm):
-        return norm.weight.detach() if norm.weight is not None else torch.ones(d_model)
-    if isinstance(norm, nn.Identity):
-        return torch.ones(d_model)
-    w = next((p for p in norm.parameters()), None)
-    ones = torch.ones(1, d_model, dtype=torch.float32 if w is None else w.dtype,
-                      device=None if w is None else w.device)
-    with torch.no_grad():
-        out = norm(ones)[0]
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0
-    return out * (1.0 + float(eps)) ** 0.5
+    """The per-dimension gain of a normalisation module ``[d_model]``, the diagonal that
+    norm folding multiplies into the next weight matrix; the same as
+    :meth:`interpbook.anatomy.Anatomy.norm_gain` (LayerNorm ``weight``, Llama RMSNorm ``g``,
+    Gemma RMSNorm ``1 + g``)."""
+    return _norm_gain(norm, d_model)
 
 
 def source_inputs(model, src_ids: torch.Tensor | Sequence[int], *, first_mlp: bool = True) -> torch.Tensor:
@@ -339,7 +328,7 @@ def W_OV(model, layer: int, head: int, *, fold_norm: bool = True) -> torch.Tenso
     a = model.anatomy
     W_V = a.W_V(layer)[head].detach()
     if fold_norm:
-        W_V = norm_gain(a.ln1(layer), model.d_model)[:, None] * W_V
+        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
     return W_V @ a.W_O(layer)[head].detach()
 
 
@@ -349,7 +338,7 @@ def W_QK(model, layer: int, head: int, *, fold_norm: bool = True) -> torch.Tenso
     a = model.anatomy
     W_Q, W_K = a.W_Q(layer)[head].detach(), a.W_K(layer)[head].detach()
     if fold_norm:
-        g = norm_gain(a.ln1(layer), model.d_model)[:, None]
+        g = a.norm_gain(a.ln1(layer))[:, None]
         W_Q, W_K = g * W_Q, g * W_K
     return W_Q @ W_K.T
 
@@ -385,7 +374,7 @@ def _ov_factors(model, layer, head, fold_norm) -> _LowRank:
     a = model.anatomy
     W_V = a.W_V(layer)[head].detach()
     if fold_norm:
-        W_V = norm_gain(a.ln1(layer), model.d_model)[:, None] * W_V
+        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
     return _LowRank(W_V, a.W_O(layer)[head].detach())
 
 
@@ -393,7 +382,7 @@ def _qk_factors(model, layer, head, fold_norm) -> _LowRank:
     a = model.anatomy
     W_Q, W_K = a.W_Q(layer)[head].detach(), a.W_K(layer)[head].detach()
     if fold_norm:
-        g = norm_gain(a.ln1(layer), model.d_model)[:, None]
+        g = a.norm_gain(a.ln1(layer))[:, None]
         W_Q, W_K = g * W_Q, g * W_K
     return _LowRank(W_Q, W_K.T)
 
@@ -436,7 +425,7 @@ def ov_components(model, layer: int, head: int, *, fold_norm: bool = True) -> di
     a = model.anatomy
     W_V = a.W_V(layer)[head].detach()
     if fold_norm:
-        W_V = norm_gain(a.ln1(layer), model.d_model)[:, None] * W_V
+        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
     W_O = a.W_O(layer)[head].detach()
     U, S, Vh = torch.linalg.svd(W_V @ W_O)
     r = a.d_head

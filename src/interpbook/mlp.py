@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
 
-from .lenses import top_tokens
+from .anatomy import norm_as_linear
+from .lenses import direct_logit_attribution, top_tokens
 from .lm import Model, Prompts
 
 __all__ = [
@@ -34,23 +34,14 @@ __all__ = [
 
 # --- reading values in the vocabulary -------------------------------------------------------
 def folded_unembedding(model: Model) -> torch.Tensor:
-    """``W_U`` with the final norm's gain folded in: ``diag(g) W_U`` ``[d_model, vocab]``.
+    """``W_U`` with the final norm's gain folded in: ``diag(g) W_U`` ``[d_model, vocab]``
+    (:meth:`interpbook.anatomy.Anatomy.folded_W_U`).
 
-    A vector ``v`` written to the residual stream reaches the logits as
-    ``norm(resid) W_U``; for an RMSNorm the norm scales the whole residual and multiplies
-    by the gain ``g``, so ``v``'s own direction is read as ``(v * g) W_U`` (up to the
-    shared scale). For a LayerNorm the gain is folded likewise and the centring and bias
-    are left out.
-    """
-    norm = model.anatomy.final_norm()
-    W_U = model.anatomy.W_U
-    with torch.no_grad():
-        if isinstance(norm, nn.LayerNorm):
-            gain = norm.weight if norm.weight is not None else torch.ones_like(W_U[:, 0])
-        else:  # RMSNorm variants (Llama g, Gemma 1 + g): the norm of a vector of ones is g
-            ones = torch.ones(1, W_U.shape[0], dtype=W_U.dtype, device=W_U.device)
-            gain = norm(ones)[0]
-        return W_U * gain[:, None]
+    A vector ``v`` in the residual stream reaches the logits as ``centred(v) * s (g W_U)``,
+    where the norm's scale ``s`` is shared by the whole residual at that position: ``v @
+    folded_unembedding`` ranks tokens as the model would read ``v``; for real logit units
+    use :func:`interpbook.lenses.direct_logit_attribution`."""
+    return model.anatomy.folded_W_U()
 
 
 def value_logits(model: Model, layer: int, neurons: Sequence[int] | torch.Tensor | None = None, *,
@@ -300,11 +291,20 @@ def top_sub_updates(model: Model, prompt: str, layer: int, k: int = 10, *, n_tok
 
 def token_contributions(model: Model, prompts: Prompts, layer: int, tokens: Sequence[int], *,
                         pos: int = -1) -> torch.Tensor:
-    """Each sub-update's direct effect on some tokens' (norm-folded) logits:
-    ``m_i * (v_i . U[:, t])`` as ``[batch, d_mlp, n_tokens]``; summing over neurons gives
-    the whole MLP update's effect."""
-    m = sub_updates(model, prompts, layer, pos=pos)
-    U = folded_unembedding(model)[:, torch.as_tensor(list(tokens), dtype=torch.long)]
+    """Each sub-update's direct effect on some tokens' logits, in real logit units:
+    ``[batch, d_mlp, n_tokens]``.
+
+    The sub-update ``m_i v_i`` goes through the post-MLP norm (Gemma) and the final norm,
+    both frozen at their scale in this forward pass
+    (:func:`interpbook.lenses.direct_logit_attribution`); summing over neurons gives the
+    MLP output's direct logit attribution (less the share of the output bias, if any)."""
+    a = model.anatomy
+    last = model.n_layers - 1
+    run = model.run(prompts, cache=[("mlp_act", layer), ("resid_post", last)])
+    m = run.cache["mlp_act", layer][:, pos].float()
+    W_out = a.W_out(layer).detach().float()
     with torch.no_grad():
-        per_value = model.anatomy.W_out(layer).float() @ U  # [d_mlp, n_tokens]
-    return m[:, :, None] * per_value[None]
+        sub = m[:, :, None] * W_out  # [batch, d_mlp, d_model]
+        update = m @ W_out + (0 if a.b_out(layer) is None else a.b_out(layer).float())
+        sub = norm_as_linear(a.post_mlp_norm(layer), sub, update[:, None])
+        return direct_logit_attribution(model, sub, run.cache["resid_post", last][:, pos, None], tokens)
