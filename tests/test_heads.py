@@ -28,16 +28,23 @@ def test_pattern_scores_on_constructed_patterns():
     ind[0, 0, q, q - period + 1] = 1
     assert H.induction_score(ind, period).item() == 1.0
     assert H.duplicate_token_score(ind, period).item() == 0.0
+    # the same pattern shifted by one position (a BOS in front): scored from start=period + 1
+    shifted = torch.zeros(1, 1, n + 1, n + 1)
+    shifted[0, 0, q + 1, q - period + 2] = 1
+    assert H.induction_score(shifted, period, start=period + 1).item() == 1.0
+    with pytest.raises(ValueError, match="period"):
+        H.induction_score(ind, period, start=period - 1)
 
 
 def test_attention_scores_shapes_and_range(model):
     ids = H.repeated_tokens(model, 2, 6, seed=0)
-    assert ids.shape == (2, 12) and torch.equal(ids[:, :6], ids[:, 6:])
+    p = len(H.bos_prefix(model))
+    assert ids.shape == (2, p + 12) and torch.equal(ids[:, p:p + 6], ids[:, p + 6:])
     sc = H.attention_scores(model, ids, 6)
     for key in ("previous_token", "induction", "duplicate"):
         assert sc[key].shape == (model.n_layers, model.n_heads)
         assert (sc[key] >= 0).all() and (sc[key] <= 1 + 1e-6).all()
-    assert sc["loss"].shape == (2, 11)
+    assert sc["loss"].shape == (2, p + 11)
 
 
 def _brute_ov(model, layer, head, src):
@@ -102,7 +109,7 @@ def test_folded_W_OV_equals_norm_then_weights(family):
     x = torch.randn(5, model.d_model)
     rms = x.pow(2).mean(-1, keepdim=True).sqrt()
     with torch.no_grad():
-        direct = a.ln1(2)(x) @ a.W_V(2)[3] @ a.W_O(2)[3]
+        direct = a.ln1(2)(x) @ a.W_V(2)[3] @ _folded_W_O(model, 2, 3)    # post-attention gain: Gemma
         q_direct = a.ln1(2)(x) @ a.W_Q(2)[3] @ (a.ln1(2)(x) @ a.W_K(2)[3]).T
     torch.testing.assert_close((x / rms) @ H.W_OV(model, 2, 3), direct, atol=1e-4, rtol=1e-4)
     if family != "gemma3":   # Gemma normalises q and k again inside attention
@@ -125,7 +132,7 @@ def test_ov_components_reconstruct_the_circuit(model):
     comp = H.ov_components(model, 1, 2)
     rebuilt = torch.einsum("r,rd,re->de", comp["S"], comp["read"], comp["write"])
     torch.testing.assert_close(rebuilt, H.W_OV(model, 1, 2), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(comp["z"] @ a.W_O(1)[2].detach(), comp["write"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(comp["z"] @ _folded_W_O(model, 1, 2), comp["write"], atol=1e-4, rtol=1e-3)
     cc = H.component_composition(model, (1, 2), (2, 0))
     assert cc.shape == (a.d_head,) and (cc >= 0).all() and (cc <= 1 + 1e-6).all()
     # the channels' squared compositions add up to the full composition score (K side)
@@ -134,10 +141,33 @@ def test_ov_components_reconstruct_the_circuit(model):
     assert abs(float(weighted) - float(full)) < 1e-4
 
 
+def _folded_W_O(model, layer, head):
+    """W_O of one head times the post-attention norm's gain (Gemma; ones elsewhere)."""
+    a = model.anatomy
+    return a.W_O(layer)[head].detach() * a.norm_gain(a.post_attn_norm(layer))
+
+
 def _head_output(model, layer, head, edits=()):
     run = model.run(random_ids(), cache=[("attn_z", layer)], edits=list(edits))
     z = run.cache["attn_z", layer][:, :, head]
-    return z @ model.anatomy.W_O(layer)[head].detach()
+    return z @ _folded_W_O(model, layer, head)
+
+
+def test_W_OV_points_where_the_block_writes(model):
+    """What the block adds to the residual for a head attending to x (input norm, W_V W_O,
+    post-attention norm) is parallel to x @ W_OV for normalised x: the folding is exact up
+    to the RMS scalings, which never change a direction."""
+    a = model.anatomy
+    x = torch.randn(5, model.d_model)
+    with torch.no_grad():
+        v = a.ln1(1)(x) @ a.W_V(1)[2]
+        if a.b_V(1) is not None:
+            return  # a value bias is an offset, not part of the linear map
+        written = a.post_attn_norm(1)(v @ a.W_O(1)[2])
+        x_hat = x - x.mean(-1, keepdim=True) if isinstance(a.ln1(1), torch.nn.LayerNorm) else x
+        folded = x_hat @ H.W_OV(model, 1, 2)
+    cos = torch.nn.functional.cosine_similarity(written, folded, dim=-1)
+    assert (cos > 1 - 1e-4).all(), cos
 
 
 def test_remove_components_projects_out_channels(model):

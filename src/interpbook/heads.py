@@ -37,7 +37,7 @@ from .anatomy import norm_gain as _norm_gain
 from .tracing import edit
 
 __all__ = [
-    "repeated_tokens", "previous_token_score", "induction_score", "duplicate_token_score",
+    "bos_prefix", "repeated_tokens", "previous_token_score", "induction_score", "duplicate_token_score",
     "attention_scores", "token_losses",
     "norm_gain", "source_inputs", "ov_logits", "qk_scores", "topk_hit_rate", "relation_scores",
     "head_output_logits", "dynamic_relation_scores",
@@ -47,15 +47,31 @@ __all__ = [
 
 
 # --- attention-pattern scores --------------------------------------------------------------
+def bos_prefix(model) -> list[int]:
+    """``[bos_id]`` when the model's tokenizer starts every text with a BOS token (Gemma),
+    else ``[]`` (SmolLM2): the prefix a hand-built sequence of ids needs to look like text."""
+    tok = model.tokenizer
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tok("a")["input_ids"]
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
 def repeated_tokens(model, n_seq: int = 8, seq_len: int = 50, *, seed: int = 0,
                     low: int | None = None) -> torch.Tensor:
-    """``n_seq`` sequences of ``seq_len`` random token ids, each repeated once:
-    ``[n_seq, 2 * seq_len]``. Ids are drawn uniformly from ``[low, vocab)``; ``low`` skips
-    special and byte tokens (default ``min(1000, vocab // 10)``). Seeded."""
+    """``n_seq`` sequences of ``seq_len`` random token ids, each repeated once, after the
+    model's BOS token if it uses one (:func:`bos_prefix`): ``[n_seq, len(prefix) + 2 * seq_len]``.
+    The repeat starts at position ``ids.shape[1] - seq_len``. Ids are drawn uniformly from
+    ``[low, vocab)``; ``low`` skips special and byte tokens (default ``min(1000, vocab // 10)``).
+    Seeded."""
     low = min(1000, model.d_vocab // 10) if low is None else low
+    if not 0 <= low < model.d_vocab:
+        raise ValueError(f"low must lie in [0, {model.d_vocab}) (the vocabulary), got {low}")
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(low, model.d_vocab, (n_seq, seq_len), generator=g)
-    return torch.cat([first, first], dim=1).to(model.device)
+    prefix = torch.tensor(bos_prefix(model), dtype=torch.long).expand(n_seq, -1)
+    return torch.cat([prefix, first, first], dim=1).to(model.device)
 
 
 def _diagonal_mean(pattern: torch.Tensor, offset: int, start: int) -> torch.Tensor:
@@ -74,32 +90,49 @@ def previous_token_score(pattern: torch.Tensor) -> torch.Tensor:
     return _diagonal_mean(pattern, 1, 1)
 
 
-def induction_score(pattern: torch.Tensor, period: int) -> torch.Tensor:
+def _check_period(period: int, start: int | None, n: int) -> int:
+    start = period if start is None else start
+    if not 0 < period <= start < n:
+        raise ValueError(f"need 0 < period <= start < sequence length; got period={period}, "
+                         f"start={start}, length {n}")
+    return start
+
+
+def induction_score(pattern: torch.Tensor, period: int, *, start: int | None = None) -> torch.Tensor:
     """Average attention, on a sequence that repeats with ``period``, from each position of
     the repeat to the token *after* its earlier occurrence (``q - period + 1``) ``[head]``.
 
-    This is Olsson et al.'s prefix-matching score; an induction head scores close to 1."""
-    return _diagonal_mean(pattern, period - 1, period)
+    ``start`` is the first position of the repeat (default ``period``; one more after a BOS
+    token). This is Olsson et al.'s prefix-matching score; an induction head scores close
+    to 1."""
+    start = _check_period(period, start, pattern.shape[-1])
+    return _diagonal_mean(pattern, period - 1, start)
 
 
-def duplicate_token_score(pattern: torch.Tensor, period: int) -> torch.Tensor:
-    """Average attention from each position of the repeat to its earlier occurrence
-    (``q - period``) ``[head]``: duplicate-token heads score high."""
-    return _diagonal_mean(pattern, period, period)
+def duplicate_token_score(pattern: torch.Tensor, period: int, *, start: int | None = None) -> torch.Tensor:
+    """Average attention from each position of the repeat (from ``start``, default
+    ``period``) to its earlier occurrence (``q - period``) ``[head]``: duplicate-token heads
+    score high."""
+    start = _check_period(period, start, pattern.shape[-1])
+    return _diagonal_mean(pattern, period, start)
 
 
 def attention_scores(model, ids: torch.Tensor, period: int, *,
                      layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
     """Previous-token, induction and duplicate-token scores of every head ``[layer, head]``
-    on ``ids`` (a batch of sequences repeating with ``period``, e.g. from
-    :func:`repeated_tokens`), plus the per-token losses ``[batch, pos - 1]`` of the run."""
+    on ``ids`` (a batch of sequences whose last ``2 * period`` tokens repeat with ``period``,
+    after an optional prefix such as BOS, e.g. from :func:`repeated_tokens`), plus the
+    per-token losses ``[batch, pos - 1]`` of the run."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
+    start = ids.shape[-1] - period
+    if start < period:
+        raise ValueError(f"ids of length {ids.shape[-1]} cannot hold two copies of period {period}")
     run = model.run(ids, cache=[("attn_pattern", l) for l in layers])
     pats = [run.cache["attn_pattern", l].float() for l in layers]
     return {
         "previous_token": torch.stack([previous_token_score(p) for p in pats]),
-        "induction": torch.stack([induction_score(p, period) for p in pats]),
-        "duplicate": torch.stack([duplicate_token_score(p, period) for p in pats]),
+        "induction": torch.stack([induction_score(p, period, start=start) for p in pats]),
+        "duplicate": torch.stack([duplicate_token_score(p, period, start=start) for p in pats]),
         "loss": token_losses(run.logits, run.input_ids),
     }
 
@@ -138,6 +171,15 @@ def source_inputs(model, src_ids: torch.Tensor | Sequence[int], *, first_mlp: bo
     return x
 
 
+def _W_O_heads(model, layer: int, fold_norms: bool) -> torch.Tensor:
+    """``W_O [head, d_head, d_model]``, times the post-attention norm's gain when folding
+    (Gemma normalises the attention output before it joins the residual; ones elsewhere).
+    The norm's RMS scaling is left out: the final norm rescales every row anyway."""
+    a = model.anatomy
+    W_O = a.W_O(layer).detach()
+    return W_O * a.norm_gain(a.post_attn_norm(layer)) if fold_norms else W_O
+
+
 def _vocab_weights(model, universe: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unembedding columns for ``universe`` (None: all) ``[d_model, n]`` and the bias."""
     a = model.anatomy
@@ -174,8 +216,8 @@ def ov_logits(model, layer: int, head: int, src_ids, *, universe: torch.Tensor |
 
     ``E[src] -> norm_in -> W_V[head] W_O[head] -> norm_final -> W_U`` restricted to the
     columns ``universe`` (all tokens when None). The ``vocab x vocab`` matrix ``E W_OV W_U``
-    is never built: only the rows asked for. ``fold_norms`` applies the head's input norm
-    and the final norm (see :func:`head_output_logits`)."""
+    is never built: only the rows asked for. ``fold_norms`` applies the head's input norm,
+    the post-attention norm's gain (Gemma) and the final norm (see :func:`head_output_logits`)."""
     a = model.anatomy
     x = source_inputs(model, src_ids, first_mlp=first_mlp and layer > 0)
     with torch.no_grad():
@@ -183,7 +225,7 @@ def ov_logits(model, layer: int, head: int, src_ids, *, universe: torch.Tensor |
         v = xin @ a.W_V(layer)[head]
         if a.b_V(layer) is not None:
             v = v + a.b_V(layer)[head]
-        out = v @ a.W_O(layer)[head]
+        out = v @ _W_O_heads(model, layer, fold_norms)[head]
     return head_output_logits(model, out, universe=universe, fold_norms=fold_norms)
 
 
@@ -253,7 +295,7 @@ def relation_scores(model, src_ids, tgt_ids, *, k: int = 10, universe: torch.Ten
             v = torch.einsum("nd,hde->hne", xin, a.W_V(layer))
             if a.b_V(layer) is not None:
                 v = v + a.b_V(layer)[:, None]
-            out = torch.einsum("hne,hed->hnd", v, a.W_O(layer))
+            out = torch.einsum("hne,hed->hnd", v, _W_O_heads(model, layer, fold_norms))
             logits = head_output_logits(model, out, universe=universe, fold_norms=fold_norms)
             pos.append(topk_hit_rate(logits, cols, k))
             neg.append(topk_hit_rate(-logits, cols, k))
@@ -298,7 +340,7 @@ def dynamic_relation_scores(model, prompts, src_ids, tgt_ids, *, k: int = 10,
         out_w, out_wo = [], []
         with torch.no_grad():
             for layer in range(L):
-                W_O = a.W_O(layer)
+                W_O = _W_O_heads(model, layer, fold_norms)
                 z = run.cache["attn_z", layer][:, -1]                        # [b, head, d_head]
                 out_w.append(torch.einsum("bhe,hed->bhd", z, W_O))
                 v = run.cache["v", layer][rows, pos]                         # [b, kv, d_head]
@@ -322,25 +364,30 @@ def _hits(logits: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # --- composition and communication channels (Talking Heads) -------------------------------
+def _folded(model, layer: int, head: int, which: str, fold_norm: bool) -> torch.Tensor:
+    """One head's weight with the norm gains folded in: ``W_Q``, ``W_K``, ``W_V``
+    ``[d_model, d_head]`` get the input norm's gain on their rows; ``W_O`` ``[d_head,
+    d_model]`` gets the post-attention norm's gain on its columns (Gemma; ones elsewhere)."""
+    a = model.anatomy
+    W = getattr(a, which)(layer)[head].detach()
+    if not fold_norm:
+        return W
+    if which == "W_O":
+        return W * a.norm_gain(a.post_attn_norm(layer))[None, :]
+    return a.norm_gain(a.ln1(layer))[:, None] * W
+
+
 def W_OV(model, layer: int, head: int, *, fold_norm: bool = True) -> torch.Tensor:
     """The head's OV matrix ``[d_model, d_model]`` (``x @ W_OV`` is what it writes for a
-    residual ``x`` it attends to), with its input norm's gain folded in: ``diag(g) W_V W_O``."""
-    a = model.anatomy
-    W_V = a.W_V(layer)[head].detach()
-    if fold_norm:
-        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
-    return W_V @ a.W_O(layer)[head].detach()
+    residual ``x`` it attends to), with the norm gains folded in:
+    ``diag(g_in) W_V W_O diag(g_post)`` (``g_post``: Gemma's post-attention norm, else 1)."""
+    return _folded(model, layer, head, "W_V", fold_norm) @ _folded(model, layer, head, "W_O", fold_norm)
 
 
 def W_QK(model, layer: int, head: int, *, fold_norm: bool = True) -> torch.Tensor:
     """The head's QK matrix ``[d_model, d_model]``: ``x_q @ W_QK @ x_k.T`` is the
     (position-free) attention score, with the input norm's gain folded in on both sides."""
-    a = model.anatomy
-    W_Q, W_K = a.W_Q(layer)[head].detach(), a.W_K(layer)[head].detach()
-    if fold_norm:
-        g = a.norm_gain(a.ln1(layer))[:, None]
-        W_Q, W_K = g * W_Q, g * W_K
-    return W_Q @ W_K.T
+    return _folded(model, layer, head, "W_Q", fold_norm) @ _folded(model, layer, head, "W_K", fold_norm).T
 
 
 def composition_score(A: torch.Tensor, B: torch.Tensor) -> float:
@@ -371,20 +418,11 @@ class _LowRank:
 
 
 def _ov_factors(model, layer, head, fold_norm) -> _LowRank:
-    a = model.anatomy
-    W_V = a.W_V(layer)[head].detach()
-    if fold_norm:
-        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
-    return _LowRank(W_V, a.W_O(layer)[head].detach())
+    return _LowRank(_folded(model, layer, head, "W_V", fold_norm), _folded(model, layer, head, "W_O", fold_norm))
 
 
 def _qk_factors(model, layer, head, fold_norm) -> _LowRank:
-    a = model.anatomy
-    W_Q, W_K = a.W_Q(layer)[head].detach(), a.W_K(layer)[head].detach()
-    if fold_norm:
-        g = a.norm_gain(a.ln1(layer))[:, None]
-        W_Q, W_K = g * W_Q, g * W_K
-    return _LowRank(W_Q, W_K.T)
+    return _LowRank(_folded(model, layer, head, "W_Q", fold_norm), _folded(model, layer, head, "W_K", fold_norm).T)
 
 
 def composition_scores(model, senders: Sequence[tuple[int, int]], receivers: Sequence[tuple[int, int]],
@@ -421,14 +459,12 @@ def ov_components(model, layer: int, head: int, *, fold_norm: bool = True) -> di
     (input directions ``a_i``), ``write [r, d_model]`` (orthonormal output directions
     ``b_i``, what the channel writes into the residual stream) and ``z [r, d_head]``:
     directions in the head's own output space with ``z_i @ W_O = b_i``, for editing the
-    head's activation ``attn_z`` (:func:`remove_components`)."""
-    a = model.anatomy
-    W_V = a.W_V(layer)[head].detach()
-    if fold_norm:
-        W_V = a.norm_gain(a.ln1(layer))[:, None] * W_V
-    W_O = a.W_O(layer)[head].detach()
+    head's activation ``attn_z`` (:func:`remove_components`); with ``fold_norm`` the
+    post-attention norm's gain is part of ``W_O`` (Gemma)."""
+    W_V = _folded(model, layer, head, "W_V", fold_norm)
+    W_O = _folded(model, layer, head, "W_O", fold_norm)
     U, S, Vh = torch.linalg.svd(W_V @ W_O)
-    r = a.d_head
+    r = min(W_V.shape)
     U, S, Vh = U[:, :r], S[:r], Vh[:r]
     z = (U.T @ W_V) / S[:, None]
     return {"S": S, "read": U.T, "write": Vh, "z": z}
@@ -461,7 +497,9 @@ def remove_components(model, layer: int, head: int, components: Sequence[int] | 
     comp = ov_components(model, layer, head, fold_norm=fold_norm)
     idx = torch.as_tensor(list(components) if not isinstance(components, torch.Tensor) else components,
                           dtype=torch.long)
-    W_O = model.anatomy.W_O(layer)[head].detach()
+    if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < len(comp["S"])):
+        raise IndexError(f"channel indices must lie in [0, {len(comp['S'])}), got {idx.tolist()}")
+    W_O = _folded(model, layer, head, "W_O", fold_norm)
     read_out = W_O @ comp["write"][idx].T                         # [d_head, m]: z -> (z W_O) . b_i
     back = comp["z"][idx]                                         # [m, d_head]
 
