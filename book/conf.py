@@ -59,9 +59,11 @@ extensions = [
     "sphinxcontrib.bibtex",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",  # the browser loads MathJax; nothing is fetched at build time
+    "sphinx.ext.mathjax",
+    "interpbook_mathjax",  # a local MathJax 3 in _static/mathjax: math renders offline
     "interpbook_starters",
     "interpbook_reproductions",
+    "interpbook_titles",  # citations in headings read as text in the TOC and navigation
     "interpbook_api",
 ]
 
@@ -76,11 +78,9 @@ if _only:
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]
 myst_heading_anchors = 3
 
+_cache_root = Path(os.environ.get("INTERPBOOK_EXECUTION_CACHE", ROOT / "_build" / ".jupyter_cache"))
 nb_execution_mode = "cache"
-nb_execution_cache_path = str(
-    Path(os.environ.get("INTERPBOOK_EXECUTION_CACHE", ROOT / "_build" / ".jupyter_cache"))
-    / execution_digest()
-)
+nb_execution_cache_path = str(_cache_root / execution_digest())
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_execution_allow_errors = False
@@ -103,6 +103,11 @@ autodoc_typehints = "description"
 napoleon_google_docstring = True
 
 # -- HTML --------------------------------------------------------------------------------
+# Where the book is published (e.g. https://example.org/interpbook/): links in the starter
+# notebooks and their install cell become absolute; unset, they are relative paths.
+html_baseurl = os.environ.get("INTERPBOOK_BASEURL", "")
+interpbook_wheel_cache = str(_cache_root / "wheels")  # the package wheel the starters install
+mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/: no CDN
 html_theme = "sphinx_book_theme"
 html_title = "Interpretability of LLMs"
 html_static_path = ["_static"]

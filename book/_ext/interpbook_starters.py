@@ -8,17 +8,96 @@
   every notebook page gets its starter notebook written to ``_sources/<page>.ipynb``
   and ``context["ipynb_source"]`` set, so the theme's download menu offers it. The
   starter is built from the page source, never copied from an executed notebook (which
-  has no outputs on a cache hit and would contain the solutions).
+  has no outputs on a cache hit and would contain the solutions). Its markdown is plain
+  Markdown (citations as text, glued numbers from the executed pages, ``{doc}`` as links
+  under ``html_baseurl`` or relative), and its first code cell installs interpbook from
+  the wheel this extension ships in ``_static/``.
+* ``builder-inited``: the wheel of the package the book was executed with is built
+  (``pip wheel --no-deps``, in a copy of the sources, a couple of seconds), cached by a
+  digest of the sources under ``interpbook_wheel_cache``, and copied into ``_static/``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 from docutils import nodes
 from interpbook import starters
 from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
+
+
+def package_project() -> Path:
+    """The source checkout of the installed interpbook (the folder with pyproject.toml)."""
+    package = Path(next(iter(importlib.util.find_spec("interpbook").submodule_search_locations)))
+    project = package.parents[1]
+    if not (project / "pyproject.toml").is_file():
+        raise ExtensionError(
+            f"interpbook is imported from {package}, not from a source checkout; the book ships "
+            "a wheel of the package it executes with, so install it with `pip install -e .`"
+        )
+    return project
+
+
+def package_wheel(cache: Path) -> Path:
+    """A wheel of the interpbook sources, built once per source digest into ``cache``."""
+    project = package_project()
+    files = [project / "pyproject.toml", project / "README.md",
+             *sorted((project / "src").rglob("*.py"))]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(project).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    folder = cache / h.hexdigest()[:16]
+    built = sorted(folder.glob("interpbook-*.whl"))
+    if built:
+        return built[0]
+    with tempfile.TemporaryDirectory() as tmp:  # a clean copy: no stale build/ folder leaks in
+        copy = Path(tmp) / "interpbook"
+        shutil.copytree(project / "src", copy / "src", ignore=shutil.ignore_patterns(
+            "__pycache__", "*.egg-info"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(project / name, copy / name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+             "-w", str(Path(tmp) / "dist"), str(copy)],
+            capture_output=True, text=True, timeout=600,
+        )
+        if proc.returncode != 0:
+            raise ExtensionError(f"building the interpbook wheel failed:\n{proc.stdout}{proc.stderr}")
+        [wheel] = (Path(tmp) / "dist").glob("interpbook-*.whl")
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(wheel, folder / wheel.name))
+
+
+def ship_wheel(app: Sphinx) -> None:
+    """Build (or reuse) the package wheel and put it in the output's ``_static/``."""
+    if app.builder.format != "html":
+        return
+    wheel = package_wheel(Path(app.config.interpbook_wheel_cache or Path(app.outdir).parent / "wheels"))
+    static = Path(app.outdir) / "_static"
+    static.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(wheel, static / wheel.name)
+    app.interpbook_wheel = wheel.name
+    logger.info(f"interpbook: shipping {wheel.name} in _static/")
+
+
+def wheel_url(app: Sphinx, pagename: str) -> str:
+    """Where a starter downloaded from ``pagename`` finds the wheel."""
+    if app.config.html_baseurl:
+        return f"{app.config.html_baseurl.rstrip('/')}/_static/{app.interpbook_wheel}"
+    starter_dir = os.path.dirname(f"_sources/{pagename}")
+    return os.path.relpath(f"_static/{app.interpbook_wheel}", starter_dir)
 
 
 def expand_exercise_tags(app: Sphinx, docname: str, source: list[str]) -> None:
@@ -42,11 +121,19 @@ def offer_starter(app: Sphinx, pagename: str, templatename: str, context: dict, 
         return
     dest = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(starters.starter_notebook(path, book_dir=app.srcdir), dest)
+    links = starters.BookLinks(
+        book_dir=Path(app.srcdir), base_url=app.config.html_baseurl,
+        glue_dir=Path(app.env.mystnb_config.output_folder), starter_root="_sources",
+    )
+    starter = starters.starter_notebook(path, book_dir=app.srcdir, links=links,
+                                        install=wheel_url(app, pagename))
+    nbformat.write(starter, dest)
     context["ipynb_source"] = f"{pagename}.ipynb"
 
 
 def setup(app: Sphinx) -> dict:
+    app.add_config_value("interpbook_wheel_cache", "", "", types=[str])
+    app.connect("builder-inited", ship_wheel)
     app.connect("source-read", expand_exercise_tags)
     app.connect("doctree-read", label_solutions)
     app.connect("html-page-context", offer_starter, priority=400)

@@ -109,8 +109,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     book_dir = starters.find_book_dir()
     _pages(args.chapter, book_dir)
     out = Path(args.output) if args.output else Path("starters") / Path(args.chapter).stem
+    # A starter installs interpbook from the published book's wheel when the book's
+    # address is known, else from this checkout.
+    base = os.environ.get("INTERPBOOK_BASEURL", "").rstrip("/")
+    install = args.install or (f"{base}/_static/{starters.wheel_name()}" if base else str(book_dir.parent))
     try:
-        written = starters.export_starter(args.chapter, out, book_dir=book_dir)
+        written = starters.export_starter(args.chapter, out, book_dir=book_dir, install=install)
     except OSError as exc:  # not a folder, read-only, disk full: say where, not a traceback
         print(f"interpbook export: error: cannot write the starters into {out} ({exc}); "
               "give -o a writable folder", file=sys.stderr)
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a chapter's starter notebooks (no solutions, no outputs)")
     p.add_argument("chapter", help="chapter folder (e.g. 01-introduction) or path to one page .md")
     p.add_argument("-o", "--output", help="output folder (default starters/CHAPTER)")
+    p.add_argument("--install", help="what the starters' set-up cell pip-installs interpbook from "
+                   "(default: $INTERPBOOK_BASEURL/_static/<wheel>, else this checkout)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the model registry: installed, cached, how to install")

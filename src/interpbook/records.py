@@ -19,6 +19,7 @@ number is ever typed into the appendix by hand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 import math
@@ -68,10 +69,32 @@ def _check_value(field: str, value: object) -> float | int | str:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _book_references() -> dict:
+    """The book's bibliography when running inside a checkout of the book, else ``{}``."""
+    from .citations import load_bibliography
+    from .starters import find_book_dir
+
+    try:
+        return load_bibliography(find_book_dir() / "references.bib")
+    except (FileNotFoundError, ImportError):
+        return {}
+
+
+def cited(key: str) -> str:
+    """``"Author et al., year"`` for a citation key of the book, the key itself otherwise."""
+    ref = _book_references().get(key)
+    return ref.parenthetical() if ref else key
+
+
 def format_value(value: float | int | str) -> str:
-    """Format a recorded value for display: 4 significant digits for floats."""
+    """Format a recorded value for display: floats to 3 significant digits.
+
+    A float of 100 or more shows as a whole number (``1,234``, not ``1.23e+03``); ints
+    and strings are shown as they are.
+    """
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
 
 
@@ -126,7 +149,7 @@ class Record:
     def _repr_html_(self) -> str:
         esc = html.escape
         units = f" {esc(self.units)}" if self.units else ""
-        ref = f" ({esc(self.paper_ref)})" if self.paper_ref else ""
+        ref = f" ({esc(cited(self.paper_ref))})" if self.paper_ref else ""
         note = f'<p class="{HTML_CLASS}-note">{esc(self.note)}</p>' if self.note else ""
         verdict_class = self.verdict.replace(" ", "-")
         # Escape "</" (JSON reads "<\\/" back as "</") so no value can close the element.

