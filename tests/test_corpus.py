@@ -50,6 +50,12 @@ def test_pack():
         corpus.pack(enc, ["a"], seq_len=4)
     with pytest.raises(ValueError):
         corpus.pack(enc, ["a"], seq_len=1)
+    # a prefix (BOS) starts every window; the text continues across windows
+    W = corpus.pack(enc, ["a bb ccc dddd e ff"], seq_len=3, prefix=[9])
+    assert torch.equal(W, torch.tensor([[9, 1, 2], [9, 3, 4], [9, 1, 2]]))
+    assert corpus.pack(enc, ["a bb ccc dddd e ff"] * 10, seq_len=4, max_tokens=9, prefix=[9]).shape == (2, 4)
+    with pytest.raises(ValueError, match="prefix"):
+        corpus.pack(enc, ["a bb ccc"], seq_len=3, prefix=[9, 9])
 
 
 class WordTokenizer:

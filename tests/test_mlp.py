@@ -6,6 +6,7 @@ import torch
 from tiny_models import CONFIGS, random_ids, tiny_model
 
 from interpbook import mlp
+from interpbook.lenses import direct_logit_attribution
 
 FAMILIES = list(CONFIGS)
 
@@ -91,6 +92,17 @@ def test_value_logits(model):
     torch.testing.assert_close(mlp.value_logits(model, 1, [3, 0]), L[[3, 0]])
     raw = mlp.value_logits(model, 1, [2], fold_norm=False)
     torch.testing.assert_close(raw[0], model.anatomy.W_out(1)[2] @ model.anatomy.W_U)
+    # folded: a value reads in the vocabulary as the model reads it once it reaches the
+    # residual stream (after a post-MLP norm, if any): same ranking as the real pipeline
+    a = model.anatomy
+    with torch.no_grad():
+        m = torch.zeros(1, model.d_mlp)
+        m[0, 2] = 3.0
+        written = a.post_mlp_norm(1)(m @ a.W_out(1))
+        ref = a.final_norm()(written) @ a.W_U
+    ratio = ref[0] / L[2]
+    if a.family != "gpt2" and a.family != "gpt_neox":  # LayerNorm centres: not a pure rescaling
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-3, rtol=1e-3)
 
 
 def test_agreement(model):
@@ -110,6 +122,7 @@ def test_agreement(model):
     assert ag.rate_any >= ag.rate and ag.n_neurons == model.d_mlp
     assert 0 <= ag.shuffled <= 1 and ag.median_rank >= 0
     assert mlp.key_value_agreement(model, top, 2, neurons=[0, 1]).n_neurons == 2
+    assert mlp.key_value_agreement(model, top, 2, chunk=3) == ag  # chunking changes nothing
 
 
 def test_last_token_share():
@@ -132,8 +145,12 @@ def test_sub_updates_sum_to_the_mlp_update(model):
     toks = [3, 7, 11]
     contrib = mlp.token_contributions(model, ids, layer, toks)
     assert contrib.shape == (2, model.d_mlp, 3)
-    U = mlp.folded_unembedding(model)[:, toks]
-    torch.testing.assert_close(contrib.sum(1), (m @ a.W_out(layer)) @ U, atol=1e-4, rtol=1e-4)
+    # real logit units: the sub-updates add up to the DLA of the whole MLP output
+    last = model.n_layers - 1
+    run = model.run(ids, cache=[("mlp_out", layer), ("resid_post", last)])
+    dla = direct_logit_attribution(model, run.cache["mlp_out", layer][:, -1], run.cache["resid_post", last][:, -1], toks)
+    if a.b_out(layer) is None:
+        torch.testing.assert_close(contrib.sum(1), dla, atol=1e-3, rtol=1e-3)
 
 
 def test_top_sub_updates(model):

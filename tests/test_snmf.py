@@ -55,21 +55,35 @@ def test_update_Y_nonnegative_and_monotone():
 @pytest.mark.parametrize("init", ["kmeans", "random"])
 def test_snmf_fits_planted_factorisation(init):
     Z, Y, A = planted()
-    fit = S.snmf(A, 4, keep=0.25, n_iter=300, init=init, seed=0)
+    fit = S.snmf(A, 4, keep=0.25, max_iter=300, init=init, seed=0)
     assert fit.Z.shape == (40, 4) and fit.Y.shape == (4, 300)
     assert (fit.Y >= 0).all()
     assert ((fit.Z != 0).sum(0) <= math.ceil(0.25 * 40)).all()
-    assert fit.errors[-1] <= fit.errors[0] + 1e-6
-    assert min(fit.errors) < 0.2
+    assert fit.error == min(fit.errors) <= fit.errors[0] + 1e-6
+    assert fit.error < 0.2
+    assert fit.error == pytest.approx(S.relative_error(A, fit.Z, fit.Y), abs=1e-4)  # the cheap error formula
+    assert fit.converged and len(fit.errors) < 300
     # each planted feature is matched by a learned one (cosine)
     cos = torch.nn.functional.normalize(Z, dim=0).T @ torch.nn.functional.normalize(fit.Z, dim=0)
     assert cos.abs().max(1).values.min() > 0.8
     assert len(fit.support(0)) == (fit.Z[:, 0] != 0).sum()
 
 
-def test_snmf_bad_init():
+def test_snmf_bad_arguments():
     with pytest.raises(ValueError, match="init"):
         S.snmf(torch.rand(5, 10), 2, init="svd?")
+    with pytest.raises(ValueError, match="keep"):
+        S.snmf(torch.rand(5, 10), 2, keep=0.0)
+
+
+def test_snmf_stopping_rule():
+    """More inner Y steps converge in fewer iterations; a zero tolerance runs to the cap."""
+    _, _, A = planted(seed=2)
+    one = S.snmf(A, 4, keep=0.25, y_steps=1, max_iter=400, seed=0)
+    ten = S.snmf(A, 4, keep=0.25, y_steps=10, max_iter=400, seed=0)
+    assert ten.converged and len(ten.errors) < len(one.errors)
+    capped = S.snmf(A, 4, keep=0.25, max_iter=7, tol=0.0, seed=0)
+    assert not capped.converged and len(capped.errors) == 7
 
 
 def test_kmeans_separated_clusters():

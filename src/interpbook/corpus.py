@@ -100,29 +100,35 @@ def pydoc_passages(*, min_words: int = 12, topics: Iterable[str] | None = None) 
 
 
 def pack(encode: Callable[[str], Sequence[int]], texts: Iterable[str], seq_len: int = 64, *,
-         max_tokens: int | None = None, separator: Sequence[int] = ()) -> torch.Tensor:
+         max_tokens: int | None = None, separator: Sequence[int] = (), prefix: Sequence[int] = ()) -> torch.Tensor:
     """Concatenate the token ids of ``texts`` (with ``separator`` ids between them) and cut
     them into windows of ``seq_len`` tokens: a ``[n_windows, seq_len]`` LongTensor.
 
     ``encode`` maps a text to ids (e.g. ``lambda t: tok(t, add_special_tokens=False)
-    ["input_ids"]``). Windows need no padding, so a batch of them is one dense forward
-    pass; the incomplete tail is dropped. ``max_tokens`` caps the total (rounded down to
-    whole windows).
+    ["input_ids"]``). ``prefix`` ids start every window and the text fills the rest: pass
+    the tokenizer's own start of a text (``tok("")["input_ids"]``: Gemma's BOS, nothing
+    for SmolLM2) so that each window looks like a document to the model. Windows need no
+    padding, so a batch of them is one dense forward pass; the incomplete tail is
+    dropped. ``max_tokens`` caps the total (rounded down to whole windows).
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    prefix = [int(i) for i in prefix]
+    body = seq_len - len(prefix)
+    if body < 2:
+        raise ValueError(f"seq_len={seq_len} leaves {body} text tokens per window after the "
+                         f"{len(prefix)}-token prefix; need at least 2")
     ids: list[int] = []
-    limit = None if max_tokens is None else (max_tokens // seq_len) * seq_len
+    n_max = None if max_tokens is None else max_tokens // seq_len
     for text in texts:
         if ids and separator:
             ids.extend(separator)
         ids.extend(int(i) for i in encode(text))
-        if limit is not None and len(ids) >= limit:
+        if n_max is not None and len(ids) >= n_max * body:
             break
-    n = len(ids) // seq_len if limit is None else min(len(ids), limit) // seq_len
+    n = len(ids) // body if n_max is None else min(len(ids) // body, n_max)
     if n == 0:
-        raise ValueError(f"the texts have {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        raise ValueError(f"the texts have {len(ids)} tokens, fewer than one window of {body}")
+    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), windows], 1)
 
 
 # --- labelled concept sentences ------------------------------------------------------------

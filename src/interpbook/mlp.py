@@ -10,8 +10,9 @@ that promote concepts in the vocabulary.
 
 Everything here uses the anatomy API, so it works on every supported family. The
 vocabulary reading folds the final norm's gain into the unembedding
-(:func:`folded_unembedding`), the linear part of what the model applies before its
-output layer; with tied embeddings (SmolLM2) ``W_U`` is ``W_E`` transposed.
+(:func:`folded_unembedding`), which ranks tokens as the model reads a direction; a
+contribution in real logit units also needs the final norm's scale at the position
+(:func:`token_contributions`, :func:`interpbook.lenses.direct_logit_attribution`).
 """
 
 from __future__ import annotations
@@ -48,16 +49,22 @@ def value_logits(model: Model, layer: int, neurons: Sequence[int] | torch.Tensor
                  fold_norm: bool = True, unembedding: torch.Tensor | None = None) -> torch.Tensor:
     """Each value vector (row of ``W_out``) projected to the vocabulary: ``[n, vocab]``.
 
-    ``neurons`` selects rows (default: all ``d_mlp``). ``fold_norm=False`` gives the
-    paper's plain ``v W_U``. Pass a precomputed ``unembedding`` to reuse it across layers.
+    ``neurons`` selects rows (default: all ``d_mlp``). With ``fold_norm`` (default) the
+    value is read as the model reads it: through the gain of the norm after the MLP
+    (Gemma's post-feed-forward norm; none in Llama or GPT-2) and the final norm's gain
+    folded into ``W_U``; ``fold_norm=False`` gives the paper's plain ``v W_U``. Pass a
+    precomputed ``unembedding`` (e.g. :func:`folded_unembedding`) to reuse it across layers.
     """
+    a = model.anatomy
     with torch.no_grad():
-        W_out = model.anatomy.W_out(layer)
+        W_out = a.W_out(layer)
         if neurons is not None:
             W_out = W_out[torch.as_tensor(neurons, dtype=torch.long, device=W_out.device)]
-        U = unembedding if unembedding is not None else (
-            folded_unembedding(model) if fold_norm else model.anatomy.W_U)
-        return W_out @ U
+        if not fold_norm:
+            return W_out @ a.W_U
+        post_gain = a.norm_gain(a.post_mlp_norm(layer)).to(W_out.device, W_out.dtype)
+        U = unembedding if unembedding is not None else folded_unembedding(model)
+        return (W_out * post_gain) @ U
 
 
 def value_top_tokens(model: Model, layer: int, neuron: int, k: int = 10, *, sign: float = 1.0) -> list[str]:
@@ -222,22 +229,32 @@ class Agreement:
 
 def key_value_agreement(model: Model, top: TopActivations, layer: int, *,
                         neurons: Sequence[int] | torch.Tensor | None = None, seed: int = 0,
-                        unembedding: torch.Tensor | None = None) -> Agreement:
+                        unembedding: torch.Tensor | None = None, chunk: int = 256) -> Agreement:
     """Compare each neuron's value (read in the vocabulary, and negated when its top
-    activation is negative) with the tokens that follow its top-activating contexts; a random permutation of neurons gives the chance level
-    (it keeps the layer's token statistics: frequent next tokens, frequent value tokens)."""
+    activation is negative) with the tokens that follow its top-activating contexts; a
+    random permutation of neurons gives the chance level (it keeps the layer's token
+    statistics: frequent next tokens, frequent value tokens).
+
+    The value logits are computed ``chunk`` neurons at a time: a whole layer's
+    ``[d_mlp, vocab]`` is gigabytes for a large vocabulary.
+    """
     nxt = top.next_tokens(layer)
     if neurons is None:
         neurons = torch.arange(nxt.shape[0])
     neurons = torch.as_tensor(neurons, dtype=torch.long)
     nxt = nxt[neurons]
     sign = top.values[top._l(layer), neurons, 0].sign().clamp(min=0) * 2 - 1  # orient by the top firing
-    logits = value_logits(model, layer, neurons, unembedding=unembedding) * sign[:, None].to(model.device)
-    top1 = logits.argmax(-1).cpu()
+    U = unembedding if unembedding is not None else folded_unembedding(model)
+    top1, rank = [], []
+    for s in range(0, len(neurons), chunk):
+        logits = value_logits(model, layer, neurons[s: s + chunk], unembedding=U)
+        logits = logits * sign[s: s + chunk, None].to(logits.device)
+        target = logits.gather(1, nxt[s: s + chunk, :1].to(logits.device))
+        top1.append(logits.argmax(-1).cpu())
+        rank.append((logits > target).sum(1).float().cpu())
+    top1, rank = torch.cat(top1), torch.cat(rank)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(neurons), generator=g)
-    target = logits.gather(1, nxt[:, :1].to(logits.device))
-    rank = (logits > target).sum(1).float().cpu()
     return Agreement(
         layer=layer,
         rate=agreement_rate(top1, nxt[:, 0]),
@@ -279,9 +296,11 @@ def sub_updates(model: Model, prompts: Prompts, layer: int, *, pos: int = -1) ->
 
 def top_sub_updates(model: Model, prompt: str, layer: int, k: int = 10, *, n_tokens: int = 8,
                     pos: int = -1) -> list[SubUpdate]:
-    """The ``k`` dominant sub-updates (largest ``|m_i| |v_i|``) of ``layer`` on ``prompt``."""
+    """The ``k`` dominant sub-updates (largest ``|m_i| |v_i|``, ``v_i`` through the gain of a
+    post-MLP norm if the model has one) of ``layer`` on ``prompt``."""
+    a = model.anatomy
     m = sub_updates(model, prompt, layer, pos=pos)[0]
-    W_out = model.anatomy.W_out(layer).detach().float()
+    W_out = a.W_out(layer).detach().float() * a.norm_gain(a.post_mlp_norm(layer)).float()
     weight = m.abs() * W_out.norm(dim=1)
     best = weight.topk(k).indices
     logits = value_logits(model, layer, best) * m[best, None].sign()
