@@ -12,12 +12,7 @@ book's author-year style does.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
-
-CITE_ROLE = re.compile(r"\{cite(?::(?P<style>[a-z]+))?\}`(?P<keys>[^`]+)`")
-"""A MyST citation role, e.g. ``{cite:t}`gurnee2024space```; groups ``style`` and ``keys``."""
-
 
 def _plain(latex: str) -> str:
     from pybtex.richtext import Text
@@ -27,13 +22,12 @@ def _plain(latex: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """One entry of the bibliography: enough to cite it in text and link to it."""
+    """One entry of the bibliography: enough to cite it in text and name the paper."""
 
     key: str
     surnames: tuple[str, ...]
     year: str
     title: str
-    url: str = ""
 
     @property
     def authors(self) -> str:
@@ -61,7 +55,7 @@ def load_bibliography(path: str | Path) -> dict[str, Reference]:
         surnames = tuple(_plain(" ".join(p.prelast_names + p.last_names)) for p in people)
         refs[key] = Reference(
             key=key, surnames=surnames, year=entry.fields.get("year", "n.d."),
-            title=_plain(entry.fields.get("title", key)), url=entry.fields.get("url", ""),
+            title=_plain(entry.fields.get("title", key)),
         )
     return refs
 
