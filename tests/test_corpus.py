@@ -88,3 +88,23 @@ def test_concept_sentences_and_batch():
     batch, labels = corpus.concept_batch(tok, sub)
     assert labels == [[None, None, None, "day", None], [None, "colour", None]]
     assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"][1].tolist() == [0, 0, 1, 1, 1]
+
+
+class BOSWordTokenizer(WordTokenizer):
+    """Like WordTokenizer, but a plain call starts every text with a BOS id (as Gemma's does)."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=True):
+        out = super().__call__(texts, return_tensors, padding, add_special_tokens)
+        if isinstance(texts, str) and add_special_tokens:
+            out["input_ids"] = [99] + out["input_ids"]
+        return out
+
+
+def test_concept_batch_starts_like_the_tokenizer():
+    tok = BOSWordTokenizer()
+    batch, labels = corpus.concept_batch(tok, [("day", "Monday", "On Monday."), ("colour", "red", "A red car.")])
+    assert labels == [[None, None, "day"], [None, None, "colour", None]]
+    assert batch["input_ids"][0].tolist()[-3] == 99 and batch["input_ids"][1, 0].item() == 99
+    assert batch["attention_mask"][0].tolist() == [0, 1, 1, 1]

@@ -187,15 +187,23 @@ def concept_batch(tokenizer, items: Sequence[tuple[str, str, str]]) -> tuple[dic
     """Tokenise (concept, word, sentence) items as one left-padded batch, and label every
     token: the concept's name on the tokens of its word, ``None`` elsewhere (one list per
     sentence, real tokens only, in order).
+
+    Sentences start the way the tokenizer starts a text (``tokenizer("")``: Gemma's BOS,
+    nothing for SmolLM2); those start tokens are labelled ``None``.
     """
-    labels = []
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    start_ids = list(tokenizer("")["input_ids"])
+    labels, rows = [], []
     for concept, word, sentence in items:
         start = sentence.index(word)
-        enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
         a, b, n = len(enc(sentence[:start].rstrip())), len(enc(sentence[: start + len(word)])), len(enc(sentence))
         row: list[str | None] = [None] * n
         for j in range(a, min(b, n)):
             row[j] = concept
-        labels.append(row)
-    batch = tokenizer([s for _, _, s in items], return_tensors="pt", padding=True, add_special_tokens=False)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, labels
+        labels.append([None] * len(start_ids) + row)
+        rows.append(start_ids + list(enc(sentence)))
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}, labels

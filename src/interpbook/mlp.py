@@ -29,7 +29,7 @@ from .lm import Model, Prompts
 __all__ = [
     "folded_unembedding", "value_logits", "value_top_tokens", "TopActivations", "Context",
     "top_activations", "mlp_activations", "agreement_rate", "Agreement", "key_value_agreement",
-    "last_token_share", "token_mask", "SubUpdate", "sub_updates", "top_sub_updates", "token_contributions",
+    "last_token_share", "token_mask", "visible", "SubUpdate", "sub_updates", "top_sub_updates", "token_contributions",
 ]
 
 
@@ -70,6 +70,12 @@ def value_logits(model: Model, layer: int, neurons: Sequence[int] | torch.Tensor
 def value_top_tokens(model: Model, layer: int, neuron: int, k: int = 10, *, sign: float = 1.0) -> list[str]:
     """The ``k`` tokens a value vector promotes most (``sign=-1``: when its neuron is negative)."""
     return top_tokens(model, sign * value_logits(model, layer, [neuron])[0], k)[0]
+
+
+def visible(token: str) -> str:
+    """A token for display, with its leading spaces shown as ``␣`` (``' Paris'`` -> ``'␣Paris'``)."""
+    stripped = token.lstrip(" ")
+    return "␣" * (len(token) - len(stripped)) + stripped
 
 
 # --- keys: top-activating contexts over a corpus ---------------------------------------------
