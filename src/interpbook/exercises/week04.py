@@ -17,7 +17,8 @@ import torch
 from .. import heads as H
 from . import CheckFailed, CheckResult, as_array, check_close
 
-__all__ = ["check_induction_score", "check_ov_map", "check_k_composition", "check_name_copying_head"]
+__all__ = ["check_prefix_matching", "check_induction_head_map", "check_repeat_loss",
+           "check_ov_map", "check_k_composition", "check_name_copying_head"]
 
 
 def _answer(ex: str, value: object, name: str = "your answer") -> np.ndarray:
@@ -31,24 +32,39 @@ def _same(a: np.ndarray, b, rtol=1e-4, atol=1e-5) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=rtol, atol=atol))
 
 
-# --- Exercise 1: the induction score ------------------------------------------------------
-def check_induction_score(induction_score: Callable, model=None) -> CheckResult:
-    """Exercise 1: ``induction_score(pattern [batch, head, q, k], period) -> [head]``.
+# --- Exercise 1: induction heads from scratch ------------------------------------------------
+def _reference_prefix_matching(pattern: torch.Tensor, period: int, start: int) -> torch.Tensor:
+    """Mean attention from each query q >= start to key q - period + 1, per head."""
+    q = torch.arange(start, pattern.shape[-1])
+    return pattern[:, :, q, q - period + 1].float().mean(dim=(0, 2))
 
-    Graded on hand-built patterns (a perfect induction head, a previous-token head, a
-    duplicate-token head) and, when ``model`` is given, on the model's own patterns."""
-    ex = "Exercise 1 (induction score)"
-    if not callable(induction_score):
-        raise CheckFailed(f"{ex}: pass your function itself, e.g. check_induction_score(induction_score)")
-    n, period = 10, 5
-    q = torch.arange(period, n)
+
+def _toy_patterns(n: int = 11, period: int = 5, start: int = 6) -> torch.Tensor:
+    """Hand-built patterns [1, 3, n, n] with a BOS-like prefix of one token: a perfect
+    induction head, a previous-token head and a duplicate-token head."""
+    q = torch.arange(start, n)
     pats = torch.zeros(1, 3, n, n)
-    pats[0, :, 0, 0] = 1.0
-    pats[0, 0, q, q - period + 1] = 1.0                 # induction
-    pats[0, 1, torch.arange(1, n), torch.arange(0, n - 1)] = 1.0   # previous token
-    pats[0, 2, q, q - period] = 1.0                     # duplicate token
-    got = _answer(ex, induction_score(pats, period))
-    want = H.induction_score(pats, period)
+    pats[0, :, :, 0] = 1.0                                         # everything else rests on the first token
+    for h, offset in [(0, period - 1), (2, period)]:
+        pats[0, h, q, 0] = 0.0
+        pats[0, h, q, q - offset] = 1.0
+    pats[0, 1, :, 0] = 0.0
+    pats[0, 1, 0, 0] = 1.0
+    pats[0, 1, torch.arange(1, n), torch.arange(0, n - 1)] = 1.0
+    return pats
+
+
+def check_prefix_matching(prefix_matching_score: Callable) -> CheckResult:
+    """Exercise 1a: ``prefix_matching_score(pattern [batch, head, q, k], period, start) -> [head]``,
+    graded on hand-built patterns (a perfect induction head, a previous-token head, a
+    duplicate-token head) whose repeat starts one position late, as after a BOS token."""
+    ex = "Exercise 1a (prefix-matching score)"
+    if not callable(prefix_matching_score):
+        raise CheckFailed(f"{ex}: pass your function itself, e.g. check_prefix_matching(prefix_matching_score)")
+    n, period, start = 11, 5, 6
+    pats = _toy_patterns(n, period, start)
+    got = _answer(ex, prefix_matching_score(pats, period, start))
+    want = _reference_prefix_matching(pats, period, start)
     if got.shape != tuple(want.shape):
         raise CheckFailed(f"{ex}: return one score per head, shape {tuple(want.shape)}; got {got.shape} "
                           "(average over the batch and the query positions)")
@@ -56,19 +72,60 @@ def check_induction_score(induction_score: Callable, model=None) -> CheckResult:
         raise CheckFailed(f"{ex}: you measured attention to the earlier occurrence of the same token "
                           "(q - period): that is the duplicate-token score; an induction head attends to "
                           "the token *after* it, q - period + 1")
-    if got[0] < 0.99 and got[1] > 0:
-        raise CheckFailed(f"{ex}: a perfect induction head should score 1 and a previous-token head 0; "
-                          f"yours gives {got[0]:.3g} and {got[1]:.3g}. Check the diagonal offset and "
-                          "that only queries in the repeat (q >= period) count")
+    if got[0] < 0.99:
+        raise CheckFailed(f"{ex}: a perfect induction head should score 1; yours gives {got[0]:.3g}. Check the "
+                          "diagonal offset (q - period + 1) and that only queries q >= start count")
     check_close(ex, got, want, atol=1e-5)
-    if model is not None:
-        ids = H.repeated_tokens(model, 2, 12, seed=3)
-        run = model.run(ids, cache=[("attn_pattern", model.n_layers // 2)])
-        p = run.cache["attn_pattern", model.n_layers // 2]
-        check_close(ex + " on the model's patterns", _answer(ex, induction_score(p, 12)),
-                    H.induction_score(p, 12), rtol=1e-4, atol=1e-5)
-    return CheckResult(ex, "perfect induction head 1, previous-token and duplicate heads 0"
-                       + (", and the model's patterns match" if model is not None else ""))
+    return CheckResult(ex, "perfect induction head 1, previous-token and duplicate-token heads 0")
+
+
+def _reference_head_map(model, ids: torch.Tensor, period: int, start: int | None = None) -> torch.Tensor:
+    start = ids.shape[1] - period if start is None else start
+    run = model.run(ids, cache="attn_pattern")
+    return torch.stack([_reference_prefix_matching(run.cache["attn_pattern", l], period, start)
+                        for l in range(model.n_layers)])
+
+
+def check_induction_head_map(induction_head_map: Callable, model) -> CheckResult:
+    """Exercise 1b: ``induction_head_map(model, ids, period) -> [layer, head]`` on the
+    model's own attention patterns for repeated random tokens."""
+    ex = "Exercise 1b (induction-head map)"
+    ids = H.repeated_tokens(model, 2, 12, seed=3)
+    got = _answer(ex, induction_head_map(model, ids, 12))
+    want = _reference_head_map(model, ids, 12)
+    if got.shape != tuple(want.shape):
+        raise CheckFailed(f"{ex}: expected one score per layer and head, shape {tuple(want.shape)}; got {got.shape}")
+    if len(H.bos_prefix(model)) and _same(got, _reference_head_map(model, ids, 12, start=12)):
+        raise CheckFailed(f"{ex}: this model puts a BOS token in front, so the repeat starts at "
+                          "ids.shape[1] - period, not at period")
+    check_close(ex, got, want, rtol=1e-4, atol=1e-5)
+    top = H.top_heads(want, 1)[0]
+    return CheckResult(ex, f"matches; the top induction head is {top[0]}.{top[1]} ({float(want[top]):.2f})")
+
+
+def _reference_repeat_loss(model, ids, period, heads) -> float:
+    run = model.run(ids, edits=H.ablate_heads(list(heads), pos=None) if heads else [])
+    loss = H.token_losses(run.logits, run.input_ids)
+    return float(loss[:, ids.shape[1] - period:].mean())
+
+
+def check_repeat_loss(repeat_loss: Callable, model) -> CheckResult:
+    """Exercise 1c: ``repeat_loss(model, ids, period, heads) -> float``, the mean next-token
+    loss on the repeated half with ``heads`` zero-ablated at every position."""
+    ex = "Exercise 1c (loss on the repeat, heads ablated)"
+    ids = H.repeated_tokens(model, 2, 12, seed=4)
+    heads = H.top_heads(_reference_head_map(model, ids, 12), 2)
+    for hs in ([], heads):
+        got = float(_answer(ex, repeat_loss(model, ids, 12, hs)).reshape(-1)[0])
+        want = _reference_repeat_loss(model, ids, 12, hs)
+        if abs(got - want) > 1e-3 * max(1.0, abs(want)):
+            whole = model.run(ids, edits=H.ablate_heads(hs, pos=None) if hs else [])
+            every = float(H.token_losses(whole.logits, whole.input_ids).mean())
+            hint = (" (that is the loss over the whole sequence: keep only the predictions made "
+                    "inside the repeat, from position ids.shape[1] - period on)") if abs(got - every) < 1e-3 * max(1.0, every) else ""
+            what = "clean" if not hs else f"with heads {hs} ablated"
+            raise CheckFailed(f"{ex}: {what}, got {got:.4f}, expected {want:.4f}{hint}")
+    return CheckResult(ex, f"matches (clean and with {heads} ablated)")
 
 
 # --- Exercise 2: a head's OV map on a token subset ------------------------------------------
@@ -124,7 +181,7 @@ def check_k_composition(model, sender: tuple[int, int], receiver: tuple[int, int
         "||W_QK W_OV^T|| / (||W_QK|| ||W_OV||)": H.composition_scores(model, [sender], [receiver], kind="q")[0, 0],
         "that is the V-composition; use the receiver's QK circuit": H.composition_scores(model, [sender], [receiver], kind="v")[0, 0],
         "the norm gains are not folded in: multiply the rows of W_V, W_Q and W_K by ln1's gain "
-        "(interpbook.heads.norm_gain)": H.composition_scores(model, [sender], [receiver], kind="k", fold_norm=False)[0, 0],
+        "(model.anatomy.norm_gain(a.ln1(layer))) and the columns of W_O by the post-attention norm's gain": H.composition_scores(model, [sender], [receiver], kind="k", fold_norm=False)[0, 0],
     }
     for msg, v in variants.items():
         if abs(got - float(v)) <= 1e-4 * max(1.0, abs(float(v))):
