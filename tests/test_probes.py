@@ -97,6 +97,18 @@ def test_ridge_cv_leave_one_out_equals_brute_force():
         assert err == pytest.approx(np.mean(sq), rel=1e-8)
 
 
+def test_train_val_test_split_partitions_and_is_seeded():
+    tr, va, te = P.train_val_test_split(100, 0.2, 0.1, seed=3)
+    assert (len(tr), len(va), len(te)) == (70, 20, 10)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(100))
+    again = P.train_val_test_split(100, 0.2, 0.1, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip((tr, va, te), again))
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        P.train_val_test_split(100, 0.5, 0.5)
+    with pytest.raises(ValueError, match="too few"):
+        P.train_val_test_split(2, 0.2, 0.2)
+
+
 def test_r2_and_ridge_probe_on_a_linear_signal():
     X, Y = _data(n=300, noise=0.05)
     res = P.ridge_probe(X, Y, seed=1)

@@ -58,11 +58,11 @@ def test_uuas_slips_are_named():
 
 # --- Exercise 3 ---------------------------------------------------------------------------
 def test_control_task_reference_passes_and_slips_fail():
-    assert isinstance(w.check_control_task(w.control_task_labels), CheckResult)
+    assert isinstance(w.check_control_task(w._reference_control_labels), CheckResult)
     fails("real tags", w.check_control_task, lambda words, tags, seed: list(tags))
     fails("same label", w.check_control_task,
           lambda words, tags, seed: list(np.random.default_rng(seed).choice(sorted(set(tags)), len(tags))))
-    fails("use the seed", w.check_control_task, lambda words, tags, seed: w.control_task_labels(words, tags, 0))
+    fails("use the seed", w.check_control_task, lambda words, tags, seed: w._reference_control_labels(words, tags, 0))
     fails("tag set", w.check_control_task, lambda words, tags, seed: ["X"] * len(words))
     fails("one label per token", w.check_control_task, lambda words, tags, seed: ["NOUN"])
 
@@ -84,3 +84,41 @@ def test_attribute_probe():
     fails("below the reference", w.check_attribute_probe, acc - 0.3 if acc - 0.3 > 0.45 else 0.5, X, labels)
     fails("between 0 and 1", w.check_attribute_probe, 1.5, X, labels)
     fails("no answer", w.check_attribute_probe, ..., X, labels)
+
+
+# --- Exercise 5 ---------------------------------------------------------------------------
+def test_tree_distances_check():
+    assert isinstance(w.check_tree_distances(P.tree_distances), CheckResult)
+    fails("adjacency", w.check_tree_distances, lambda h: (P.tree_distances(h) == 1).astype(int))
+    fails("no answer", w.check_tree_distances, lambda h: ...)
+    fails("edges apart", w.check_tree_distances, lambda h: P.tree_distances(h) * 2)
+
+
+def test_probe_distances_check():
+    import torch
+
+    def right(h, B):
+        z = h @ B.T
+        sq = (z ** 2).sum(-1)
+        return sq[:, None] + sq[None, :] - 2 * z @ z.T
+
+    assert isinstance(w.check_probe_distances(right), CheckResult)
+    fails("squared", w.check_probe_distances, lambda h, B: right(h, B).clamp(min=0).sqrt())
+    fails("B is not used", w.check_probe_distances, lambda h, B: right(h, torch.eye(h.shape[1])) + 0 * B.sum())
+    fails("differentiated", w.check_probe_distances, lambda h, B: right(h, B).detach())
+
+
+def test_probe_loss_check():
+    n2 = lambda p, g: p.shape[0] ** 2
+    assert isinstance(w.check_probe_loss(lambda p, g: (p - g).abs().sum() / n2(p, g)), CheckResult)
+    assert isinstance(w.check_probe_loss(lambda p, g: (p - g).abs().mean()), CheckResult)
+    fails("squared error", w.check_probe_loss, lambda p, g: ((p - g) ** 2).sum() / n2(p, g))
+    fails("divide by n", w.check_probe_loss, lambda p, g: (p - g).abs().sum())
+    fails("not by n", w.check_probe_loss, lambda p, g: (p - g).abs().sum() / p.shape[0])
+
+
+def test_gradient_checks_work_with_gradients_turned_off():
+    import torch
+
+    with torch.no_grad():
+        w.check_probe_loss(lambda p, g: (p - g).abs().mean())

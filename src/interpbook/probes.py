@@ -33,7 +33,7 @@ __all__ = [
     "last_token_features",
     "align_words",
     "word_features",
-    "train_test_split",
+    "train_test_split", "train_val_test_split",
     "r2_score",
     "ridge_fit",
     "ridge_predict",
@@ -202,6 +202,22 @@ def train_test_split(n: int, test_frac: float = 0.2, seed: int = 0) -> tuple[np.
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(test_frac * n)))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def train_val_test_split(n: int, val_frac: float = 0.2, test_frac: float = 0.2,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded random split of ``range(n)`` into ``(train_idx, val_idx, test_idx)``.
+
+    Choose anything the probe does not fit itself (a layer, a width) on the validation
+    indices and report the score on the test indices, which nothing has looked at."""
+    if val_frac <= 0 or test_frac <= 0 or val_frac + test_frac >= 1:
+        raise ValueError(f"val_frac and test_frac must be positive and sum to less than 1, "
+                         f"got {val_frac} and {test_frac}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = max(1, int(round(val_frac * n))), max(1, int(round(test_frac * n)))
+    if n_val + n_test >= n:
+        raise ValueError(f"{n} items are too few for a validation and a test split")
+    return np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
 
 
 def _np(x) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Checks for the Week 2 exercises (book chapter ``02-probing``, page *Exercises*).
 
-Each ``check_*`` grades a reader's function or number against the reference in
-:mod:`interpbook.probes` on data it makes itself, returns a
+Each ``check_*`` grades a reader's function or number against a reference (built from
+:mod:`interpbook.probes`, or private here) on data it makes itself, returns a
 :class:`~interpbook.exercises.CheckResult` when it matches and raises
 :class:`~interpbook.exercises.CheckFailed` naming the likely slip when it does not.
 """
@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from .. import probes as P
 from . import CheckFailed, CheckResult, as_array
@@ -19,10 +20,12 @@ from . import CheckFailed, CheckResult, as_array
 __all__ = [
     "check_ridge_closed_form",
     "check_uuas",
-    "control_task_labels",
     "check_control_task",
     "check_selectivity",
     "check_attribute_probe",
+    "check_tree_distances",
+    "check_probe_distances",
+    "check_probe_loss",
 ]
 
 
@@ -71,9 +74,9 @@ def check_ridge_closed_form(ridge: Callable) -> CheckResult:
 
 
 # --- Exercise 2: UUAS ------------------------------------------------------------------------
-def check_uuas(uuas: Callable) -> CheckResult:
-    """``uuas(dist [n, n], heads) -> float`` for one sentence: the fraction of gold edges
-    recovered by the minimum spanning tree of ``dist``."""
+def check_uuas(sentence_uuas: Callable) -> CheckResult:
+    """``sentence_uuas(dist [n, n], heads) -> float`` for one sentence: the fraction of gold
+    edges recovered by the minimum spanning tree of ``dist``."""
     ex = "Exercise 2 (UUAS)"
     rng = np.random.default_rng(1)
     from ..datasets import toy_treebank
@@ -89,7 +92,7 @@ def check_uuas(uuas: Callable) -> CheckResult:
         }
         for name, dist in cases.items():
             want = P.uuas([dist], [s.heads])
-            got = uuas(dist.copy(), list(s.heads))
+            got = sentence_uuas(dist.copy(), list(s.heads))
             if got is None or got is Ellipsis:
                 raise CheckFailed(f"{ex}: no answer yet (got {got!r}); replace the `...`")
             got = float(as_array(got, "your UUAS"))
@@ -105,7 +108,7 @@ def check_uuas(uuas: Callable) -> CheckResult:
 
 
 # --- Exercise 3: control task ----------------------------------------------------------------
-def control_task_labels(words: Sequence[str], tags: Sequence[str], seed: int = 0) -> list[str]:
+def _reference_control_labels(words: Sequence[str], tags: Sequence[str], seed: int = 0) -> list[str]:
     """The reference control task (Hewitt & Liang, 2019): every word *type* gets one label,
     drawn at random from the empirical distribution of the real tags; every occurrence of
     the type carries it."""
@@ -191,3 +194,97 @@ def check_attribute_probe(accuracy: float, features, labels, *, seed: int = 0,
                           "into training?")
     return CheckResult(ex, f"held-out accuracy {accuracy:.3f} vs majority {base:.3f}, shuffled-label control "
                            f"{ctrl:.3f}, reference {ref:.3f}")
+
+
+# --- Exercise 5: a structural probe from scratch ---------------------------------------------
+def check_tree_distances(tree_distance_matrix: Callable) -> CheckResult:
+    """``tree_distance_matrix(heads) -> [n, n]``: the number of edges on the path between
+    every pair of words of the tree given by head indices."""
+    ex = "Exercise 5a (tree distances)"
+    from ..datasets import toy_treebank
+
+    for s in toy_treebank(12, seed=7):
+        want = P.tree_distances(s.heads)
+        got = tree_distance_matrix(list(s.heads))
+        if got is None or got is Ellipsis:
+            raise CheckFailed(f"{ex}: no answer yet (got {got!r}); replace the `...`")
+        got = as_array(got, "distances")
+        n = len(s.heads)
+        if got.shape != (n, n):
+            raise CheckFailed(f"{ex}: for the {n}-word sentence '{s.text}' the matrix should be ({n}, {n}), "
+                              f"got {got.shape}")
+        if np.array_equal(got, want):
+            continue
+        if np.array_equal(got, (want == 1).astype(got.dtype)):
+            raise CheckFailed(f"{ex}: this is the adjacency matrix (1 for an edge); distances count the edges "
+                              "on the path between *every* pair of words (breadth-first search from each word)")
+        if not np.array_equal(got, got.T):
+            raise CheckFailed(f"{ex}: the matrix is not symmetric; the tree's edges are undirected "
+                              "(a word and its head are 1 apart both ways)")
+        i, j = np.argwhere(got != want)[0]
+        raise CheckFailed(f"{ex}: in '{s.text}', words {i} ({s.words[i]!r}) and {j} ({s.words[j]!r}) are "
+                          f"{want[i, j]} edges apart in the tree; you give {got[i, j]}")
+    return CheckResult(ex, "exact on 12 trees")
+
+
+def _squared_probe_distances(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    diff = (h[:, None, :] - h[None, :, :]) @ B.T  # [n, n, rank]
+    return (diff ** 2).sum(-1)
+
+
+def check_probe_distances(probe_distances: Callable) -> CheckResult:
+    """``probe_distances(h [n, d], B [rank, d]) -> [n, n]``: the squared distance
+    ``(B(h_i - h_j))ᵀ(B(h_i - h_j))`` for every pair of words, as a differentiable tensor."""
+    ex = "Exercise 5b (probe distances)"
+    g = torch.Generator().manual_seed(0)
+    h, B = torch.randn(7, 10, generator=g), torch.randn(4, 10, generator=g, requires_grad=True)
+    with torch.enable_grad():  # the book runs with gradients off; the probe needs them
+        got = probe_distances(h, B)
+    if got is None or got is Ellipsis:
+        raise CheckFailed(f"{ex}: no answer yet (got {got!r}); replace the `...`")
+    if not isinstance(got, torch.Tensor) or not got.requires_grad:
+        raise CheckFailed(f"{ex}: return a torch tensor computed from B (so that the loss can be "
+                          "differentiated with respect to B); avoid numpy and .detach()")
+    want = _squared_probe_distances(h, B)
+    if tuple(got.shape) != (7, 7):
+        raise CheckFailed(f"{ex}: with h [7, 10] and B [4, 10] the answer is [7, 7], got {tuple(got.shape)}")
+    with torch.no_grad():
+        if torch.allclose(got, want.sqrt(), atol=1e-4):
+            raise CheckFailed(f"{ex}: these are distances, not *squared* distances: drop the square root")
+        if torch.allclose(got, _squared_probe_distances(h, torch.eye(10)), atol=1e-4):
+            raise CheckFailed(f"{ex}: B is not used: project the differences with B first")
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            raise CheckFailed(f"{ex}: the squared distances differ from (B(h_i - h_j))·(B(h_i - h_j)) by up to "
+                              f"{float((got - want).abs().max()):.3g}")
+    return CheckResult(ex, "squared probe distances match and carry gradients")
+
+
+def check_probe_loss(probe_loss: Callable) -> CheckResult:
+    """``probe_loss(pred [n, n], gold [n, n]) -> scalar``: Hewitt and Manning's per-sentence
+    loss, the absolute differences summed over all word pairs and divided by ``n²``."""
+    ex = "Exercise 5c (probe loss)"
+    g = torch.Generator().manual_seed(1)
+    gold = torch.as_tensor(P.tree_distances([1, 2, -1, 2, 3, 4]), dtype=torch.float32)
+    pred = (gold + torch.randn(6, 6, generator=g)).abs().requires_grad_()
+    with torch.enable_grad():
+        got = probe_loss(pred, gold)
+    if got is None or got is Ellipsis:
+        raise CheckFailed(f"{ex}: no answer yet (got {got!r}); replace the `...`")
+    if not isinstance(got, torch.Tensor) or got.numel() != 1:
+        raise CheckFailed(f"{ex}: return a scalar torch tensor, got {type(got).__name__}")
+    n = gold.shape[0]
+    with torch.no_grad():
+        diff = (gold - pred).abs()
+        want = diff.sum() / n ** 2
+        if torch.isclose(got, ((gold - pred) ** 2).sum() / n ** 2, atol=1e-5):
+            raise CheckFailed(f"{ex}: this is a squared error; the paper uses the absolute difference (L1)")
+        if torch.isclose(got, diff.sum(), atol=1e-5):
+            raise CheckFailed(f"{ex}: divide by n² (the number of word pairs), so that long sentences do not "
+                              "dominate the loss")
+        if torch.isclose(got, diff.sum() / n, atol=1e-5):
+            raise CheckFailed(f"{ex}: divide by n², not by n: there are n² word pairs")
+        if not torch.isclose(got, want, atol=1e-5):
+            raise CheckFailed(f"{ex}: expected {float(want):.4f}, got {float(got.detach()):.4f}")
+    if not got.requires_grad:
+        raise CheckFailed(f"{ex}: the loss must stay differentiable (no .item(), numpy or .detach())")
+    return CheckResult(ex, f"loss {float(want):.4f} matches")
