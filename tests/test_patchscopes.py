@@ -5,7 +5,8 @@ import torch
 
 from interpbook.lenses import logit_lens
 from interpbook.patchscopes import (
-    logit_lens_patchscope, patchscope, precision_at_1, source_states,
+    ENTITY_FACTS, first_clause, interpretation_prompt, logit_lens_patchscope, patchscope, precision_at_1,
+    source_states, states_a_fact,
 )
 from tiny_models import CONFIGS, random_ids, tiny_model
 
@@ -111,3 +112,50 @@ def test_prefix_cache_gives_the_same_answer_as_a_full_pass(model):
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
     gen = patchscope(model, src, [0, 2], -1, tgt, decode="generate", max_new_tokens=2, return_ids=True, batch_size=3)
     assert [int(g[0]) for row in gen for g in row] == cached.argmax(-1).flatten().tolist()
+
+
+WRONG = [  # fluent descriptions a small model produces that are false of the entity
+    ("Harry Potter", "American comic book writer"), ("Harry Potter", "American actor"),
+    ("Mount Everest", "mountain in Colorado"), ("Amazon River", "American multinational technology company"),
+    ("Barack Obama", "American actor"), ("Taylor Swift", "American actor"), ("Eiffel Tower", "Tower in London"),
+    ("Pacific Ocean", "Ocean in the Middle East"), ("Coca-Cola", "Country in the Middle East"),
+    ("Albert Einstein", "American actor"), ("New York City", "Country in the Middle East"),
+    ("Leonardo da Vinci", "American actor"), ("World War II", "South Korean multinational"),
+]
+RIGHT = [
+    ("Harry Potter", "Fictional wizard"), ("Mount Everest", "Highest mountain on Earth"),
+    ("Mount Everest", "Himalayan peak"), ("Albert Einstein", "German-born theoretical physicist"),
+    ("Leonardo da Vinci", "Italian Renaissance painter"), ("Barack Obama", "44th President of the United States"),
+    ("Coca-Cola", "American soft drink"), ("World War II", "Global war from 1939 to 1945"),
+]
+
+
+@pytest.mark.parametrize("entity, text", WRONG)
+def test_wrong_descriptions_score_zero(entity, text):
+    assert not states_a_fact(first_clause(text), ENTITY_FACTS[entity])
+
+
+@pytest.mark.parametrize("entity, text", RIGHT)
+def test_right_descriptions_score(entity, text):
+    assert states_a_fact(first_clause(text), ENTITY_FACTS[entity])
+
+
+def test_only_the_first_clause_counts_and_words_match_at_word_starts():
+    assert first_clause(" American actor, Barack Obama: 44th president") == "American actor"
+    assert not states_a_fact(first_clause("American actor, 44th president"), ENTITY_FACTS["Barack Obama"])
+    assert not states_a_fact("Scandinavian band", ["nav"])              # inside a word: no match
+    assert states_a_fact("the Himalayas", ["himalaya"])                 # a word's start: match
+    assert not states_a_fact("painter", ["italian + painter"])          # every part is needed
+    with pytest.raises(TypeError, match="list"):
+        states_a_fact("x", "himalaya")
+
+
+@pytest.mark.integration
+def test_interpretation_prompt_finds_its_placeholder():
+    import interpbook as ib
+    m = ib.load_model()
+    text, pos = interpretation_prompt(m)
+    ids = m.tokenize(text)["input_ids"][0]
+    assert m.tokenizer.decode([int(ids[pos])]).strip() == "X" and pos < -1
+    with pytest.raises(ValueError, match="exactly once"):
+        interpretation_prompt(m, instruction="no placeholder")

@@ -53,7 +53,7 @@ TEMPLATES = [
 SLOTS = {"name": NAMES, "place": PLACES, "object": OBJECTS, "adjective": ADJECTIVES, "activity": ACTIVITIES}
 
 __all__ = ["TEMPLATES", "SLOTS", "PromptSet", "make_prompts", "ModelOutputs", "collect_outputs", "Inverter",
-           "Vocabulary", "bag_of_tokens", "train_inverter", "predict_tokens", "token_prf", "inversion_scores",
+           "Vocabulary", "bag_of_tokens", "train_inverter", "predict_tokens", "inversion_scores",
            "position_accuracy", "majority_baseline"]
 
 
@@ -233,7 +233,7 @@ def predict_tokens(inverter: Inverter, vocab: Vocabulary, features: torch.Tensor
     return vocab.decode(inverter(features).argmax(-1))
 
 
-def token_prf(predicted: list[int], reference: list[int]) -> tuple[float, float, float]:
+def _token_prf(predicted: list[int], reference: list[int]) -> tuple[float, float, float]:
     """Bag-of-tokens precision, recall and F1 of one prediction (multiset overlap)."""
     overlap = sum((Counter(predicted) & Counter(reference)).values())
     p = overlap / len(predicted) if predicted else 0.0
@@ -245,7 +245,7 @@ def inversion_scores(predicted: list[list[int]], reference: list[list[int]]) -> 
     """Mean token precision, recall, F1 (in %) and exact recovery (% of prompts), as floats."""
     if len(predicted) != len(reference):
         raise ValueError(f"{len(predicted)} predictions for {len(reference)} prompts.")
-    prf = np.array([token_prf(p, r) for p, r in zip(predicted, reference)])
+    prf = np.array([_token_prf(p, r) for p, r in zip(predicted, reference)])
     exact = np.mean([p == r for p, r in zip(predicted, reference)])
     return {"precision": float(100 * prf[:, 0].mean()), "recall": float(100 * prf[:, 1].mean()),
             "f1": float(100 * prf[:, 2].mean()), "exact": float(100 * exact)}

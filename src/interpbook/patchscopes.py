@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Union
 
 import copy
+import re
 
 import torch
 
@@ -43,12 +44,39 @@ DESCRIPTION_PROMPT = (
 )
 """The paper's few-shot *entity description* target prompt; the patch goes on the final ``x``."""
 
+SELFIE_INSTRUCTION = "Message: {placeholder}\nWhat is the message above about? Answer in a few words."
+"""A SelfIE-style interpretation request (Chen et al., 2024); :func:`interpretation_prompt`
+wraps it in the model's chat template and finds the placeholder the state is written to."""
+
+ENTITY_FACTS: dict[str, list[str]] = {
+    "Mount Everest": ["himalaya", "nepal", "tibet", "highest + mountain|peak"],
+    "Amazon River": ["south america", "brazil", "peru", "rainforest", "longest|largest + river"],
+    "Albert Einstein": ["physicist", "relativity", "nobel", "e=mc", "german + scientist"],
+    "Leonardo da Vinci": ["renaissance", "mona lisa", "last supper", "polymath",
+                          "italian + painter|artist|inventor|engineer|sculptor"],
+    "Barack Obama": ["44th", "president + united states|u.s.|american|usa", "first african|first black"],
+    "Taylor Swift": ["singer", "songwriter", "musician", "pop star"],
+    "Harry Potter": ["wizard", "rowling", "hogwarts", "fantasy + novel|book|series|film"],
+    "Eiffel Tower": ["paris", "wrought|lattice", "france|french + tower|landmark|monument"],
+    "Pacific Ocean": ["largest|deepest|biggest + ocean", "ocean + asia|americas|australia|oceania"],
+    "World War II": ["1939", "1945", "nazi", "hitler", "axis + allies|allied"],
+    "New York City": ["most populous", "manhattan", "big apple",
+                      "united states|usa|u.s.|american + city|metropolis"],
+    "Coca-Cola": ["drink", "beverage", "soda", "bottl"],
+}
+"""Facts that identify each entity, for scoring generated descriptions with
+:func:`states_a_fact`. A fact is words joined by ``+`` (all must appear), each with
+alternatives joined by ``|``; the words were chosen so that the name's last token alone
+does not give them away (``"mountain"`` is not a fact about Mount Everest; ``"highest"``
+together with ``"mountain"`` is)."""
+
 Layers = Union[int, Sequence[int]]
 Mapping = Union[Callable[[torch.Tensor], torch.Tensor], None]
 
 __all__ = [
     "IDENTITY_PROMPT", "DESCRIPTION_PROMPT", "source_states", "patchscope",
-    "logit_lens_patchscope", "precision_at_1",
+    "logit_lens_patchscope", "precision_at_1", "ENTITY_FACTS", "first_clause", "states_a_fact",
+    "SELFIE_INSTRUCTION", "interpretation_prompt",
 ]
 
 
@@ -247,3 +275,54 @@ def precision_at_1(decoded_logits: torch.Tensor, reference_logits: torch.Tensor)
     while want.dim() < got.dim():
         want = want.unsqueeze(-1)
     return (got == want).float().mean(0)
+
+
+def first_clause(text: str) -> str:
+    """The generated description up to its first comma or line break: the few-shot
+    description prompt lists ``name: description`` items separated by commas, so what
+    follows the first comma is usually a new, made-up item."""
+    return re.split(r"[,\n]", text, maxsplit=1)[0].strip()
+
+
+def states_a_fact(description: str, facts: Sequence[str]) -> bool:
+    """True when ``description`` states at least one of ``facts``.
+
+    A fact such as ``"italian + painter|artist"`` needs every ``+``-separated part, each
+    satisfied by any of its ``|``-separated words; a word matches at the start of a word,
+    case-insensitively (``"himalaya"`` matches *Himalayan*). Score :func:`first_clause`
+    of a generation, not all of it.
+    """
+    if isinstance(facts, str):
+        raise TypeError("facts must be a list of fact strings, not one string.")
+    text = description.lower()
+
+    def present(word: str) -> bool:
+        return re.search(r"(?<![a-z0-9])" + re.escape(word.strip()), text) is not None
+
+    for fact in facts:
+        parts = [p for p in fact.lower().split("+") if p.strip()]
+        if not parts:
+            raise ValueError(f"Empty fact {fact!r}.")
+        if all(any(present(w) for w in part.split("|") if w.strip()) for part in parts):
+            return True
+    return False
+
+
+def interpretation_prompt(model: Model, instruction: str = SELFIE_INSTRUCTION, placeholder: str = "X",
+                          answer_prefix: str = "The message is about") -> tuple[str, int]:
+    """A SelfIE-style target prompt and the position (negative, from the end) of its
+    placeholder token, for ``patchscope(..., target_prompt=prompt, target_pos=pos)``.
+
+    ``instruction`` holds ``{placeholder}`` once; it is wrapped with
+    :meth:`interpbook.Model.chat_prompt` (plain text for a model without a chat
+    template) and the answer is begun with ``answer_prefix``.
+    """
+    if instruction.count("{placeholder}") != 1:
+        raise ValueError("instruction must contain '{placeholder}' exactly once.")
+    text = model.chat_prompt(instruction.format(placeholder=placeholder), answer_prefix=answer_prefix)
+    ids = model.tokenize(text)["input_ids"][0].tolist()
+    hits = [i for i, t in enumerate(ids) if model.tokenizer.decode([t]).strip() == placeholder]
+    if len(hits) != 1:
+        raise ValueError(f"The placeholder {placeholder!r} is {len(hits)} tokens of the prompt, not exactly one; "
+                         "choose a placeholder that is one token and appears nowhere else.")
+    return text, hits[0] - len(ids)
