@@ -59,6 +59,8 @@ def test_run_executes_like_the_book(tmp_path, monkeypatch):
     assert starter.outputs == [] and "skip-execution" in starter.metadata["tags"]
     solution = next(c for c in code if "solution" in c.metadata.get("tags", []))
     assert "matches the reference" in str(solution.outputs)
+    stderr = [o.text for c in code for o in c.outputs if o.get("name") == "stderr"]
+    assert not stderr, f"stderr in the executed page (e.g. a missing-glyph warning): {stderr}"
 
 
 def test_kernel_environment(monkeypatch):

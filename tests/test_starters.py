@@ -125,7 +125,8 @@ MYST = """\
 
 Both {cite:p}`gurnee2024space,hewitt2019structural` and {cite}`gurnee2024space`.
 The score is {glue:text}`score:.2f` and elsewhere {glue:text}`other.md::n`.
-See {doc}`the overview <index>`, {doc}`/02-probing/circles`, {func}`~interpbook.probes.ridge_probe`
+See {doc}`the
+overview <index>`, {doc}`/02-probing/circles`, {func}`~interpbook.probes.ridge_probe`
 and {math}`x^2`.
 
 :::{dropdown} Hint: a dropdown

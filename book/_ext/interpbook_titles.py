@@ -31,7 +31,10 @@ def bibliography(app: Sphinx) -> dict:
 def citation_text(app: Sphinx, node: nodes.inline) -> str:
     """The text of an unresolved citation node (classes ``xref cite cite-STYLE``)."""
     style = next((c[len(_STYLE_PREFIX):] for c in node["classes"] if c.startswith(_STYLE_PREFIX)), "p")
-    return cite(style, node.astext(), bibliography(app))
+    try:
+        return cite(style, node.astext(), bibliography(app))
+    except LookupError:  # sphinxcontrib-bibtex warns about the unknown key itself
+        return node.astext()
 
 
 def render_citations(app: Sphinx, tree: nodes.Node) -> None:

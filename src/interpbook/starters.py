@@ -259,7 +259,7 @@ def _heading(path: Path) -> str:
 def _split_titled(content: str) -> tuple[str, str]:
     """``"text <target>"`` -> (text, target); ``"target"`` -> ("", target)."""
     m = _TITLED_RE.match(content.strip())
-    return (m["text"], m["target"]) if m else ("", content.strip())
+    return (" ".join(m["text"].split()), m["target"]) if m else ("", content.strip())
 
 
 def _render_role(m: re.Match, page: Path, links: BookLinks) -> str:
@@ -288,11 +288,11 @@ def _render_role(m: re.Match, page: Path, links: BookLinks) -> str:
 
 
 def _render_directive(name: str, arg: str, body: list[str], page: Path, links: BookLinks) -> list[str]:
+    if name in _DROPPED_DIRECTIVES:
+        return []
     while body and body[0].startswith(":") and not body[0].startswith("::"):
         body = body[1:]  # ":option: value" lines
     inner = plain_markdown("\n".join(body), page, links).splitlines()
-    if name in _DROPPED_DIRECTIVES:
-        return []
     if name == "math":
         return ["$$", *body, "$$"]
     if name in ("code-block", "code", "sourcecode"):
@@ -340,9 +340,10 @@ def plain_markdown(text: str, page: str | Path, links: BookLinks | None = None) 
         if line.startswith("%") or re.match(r"^\([\w:.-]+\)=\s*$", line):
             i += 1
             continue
-        out.append(_ROLE_RE.sub(lambda m: _render_role(m, page, links), line))
+        out.append(line)
         i += 1
-    return "\n".join(out)
+    # roles last, on the whole text: a role's content may run over a line break
+    return _ROLE_RE.sub(lambda m: _render_role(m, page, links), "\n".join(out))
 
 
 def setup_cell(package: str, model_wheel: str = MODEL_WHEEL) -> nbformat.NotebookNode:
