@@ -93,3 +93,11 @@ def pipeline_book(tmp_path_factory) -> Build:
     src = copy_book_with_pipeline_chapter(tmp)
     env = book_env(tmp / "cache", INTERPBOOK_CHAPTERS=PIPELINE_CHAPTER)
     return sphinx_build(src, tmp / "html", env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The default offline model, loaded once per test session for integration tests."""
+    import interpbook as ib
+
+    return ib.load_model()

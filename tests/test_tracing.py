@@ -164,3 +164,121 @@ def test_layerless_site_with_a_layer(model):
 def test_resid_mid_in_a_parallel_block_is_explained():
     with pytest.raises(ValueError, match="no resid_mid"):
         tiny_model("neox").run(random_ids(), cache=("resid_mid", 0))
+
+
+# --- rows= ---------------------------------------------------------------------------------
+
+ROWS = [1, [0, 2], slice(1, 3), torch.tensor([True, False, True])]
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=["int", "list", "slice", "mask"])
+def test_rows_select_batch_rows_with_pos_and_head(model, rows):
+    """ablate and steer with rows= change exactly rows x positions (x heads)."""
+    ids = random_ids(batch=3)
+    picked = torch.zeros(3, dtype=torch.bool)
+    picked[rows] = True
+    site = ("attn_z", 1)
+    z = model.run(ids, cache=[site]).cache[site]
+    expected = z.clone()
+    for r in picked.nonzero()[:, 0]:
+        for p in (2, 4):
+            expected[r, p, [0, 3]] = 0
+    ablated = model.run(ids, cache=[site], edits=[ib.ablate(site, rows=rows, pos=[2, 4], head=[0, 3])])
+    assert torch.equal(ablated.cache[site], expected)
+    resid = ("resid_pre", 1)
+    plain = model.run(ids, cache=[resid]).cache[resid]
+    steered = model.run(ids, cache=[resid], edits=[ib.steer(resid, torch.ones(model.d_model), rows=rows, pos=3)])
+    delta = steered.cache[resid] - plain
+    torch.testing.assert_close(delta[picked, 3], torch.ones_like(delta[picked, 3]))
+    delta[picked, 3] = 0
+    assert not delta.any()
+
+
+def test_patch_rows_takes_values_for_the_selected_rows(model):
+    """Copying run A's activation into rows of a batch made of [A, B, B] makes those rows
+    compute A's logits; other rows are untouched."""
+    a, b = random_ids(batch=1, seed=3), random_ids(batch=1, seed=4)
+    site = ("resid_pre", 1)
+    run_a = model.run(a, cache=[site])
+    batch = torch.cat([b, b, b])
+    plain = model.run(batch)
+    patched = model.run(batch, edits=[ib.patch(site, run_a.cache[site], rows=[0, 2])])
+    torch.testing.assert_close(patched.logits[[0, 2]], run_a.logits.expand(2, -1, -1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(patched.logits[1], plain.logits[1])
+    one = model.run(batch, edits=[ib.patch(site, run_a.cache[site][0, 2], rows=1, pos=2)])
+    assert torch.equal(one.logits[[0, 2]], plain.logits[[0, 2]]) and not torch.equal(one.logits[1], plain.logits[1])
+
+
+def test_edit_with_rows_sees_only_those_rows(model):
+    seen = []
+
+    def double(x):
+        seen.append(x.shape)
+        return 2 * x
+
+    ids = random_ids(batch=3)
+    base = model.run(ids, cache=[("mlp_out", 0)]).cache["mlp_out", 0]
+    got = model.run(ids, cache=[("mlp_out", 0)], edits=[ib.edit(("mlp_out", 0), double, rows=[2])]).cache["mlp_out", 0]
+    assert seen == [(1, 7, model.d_model)]
+    assert torch.equal(got[2], 2 * base[2]) and torch.equal(got[:2], base[:2])
+
+
+def test_bad_rows_are_explained(model):
+    ids = random_ids(batch=3)
+    with pytest.raises(IndexError, match=r"rows 3 is out of range.*has 3"):
+        model.run(ids, edits=[ib.ablate(("resid_pre", 0), rows=3)])
+    with pytest.raises(ValueError, match="bool mask for rows needs one entry per element \\(3\\)"):
+        model.run(ids, edits=[ib.ablate(("resid_pre", 0), rows=torch.tensor([True, False]))])
+    with pytest.raises(TypeError, match="rows must be an int"):
+        model.run(ids, edits=[ib.ablate(("resid_pre", 0), rows=1.5)])
+
+
+# --- gradients through recorded sites -------------------------------------------------------
+
+def _metric(logits):
+    return logits[:, -1, 5].sum() - logits[:, -1, 7].sum()
+
+
+@pytest.mark.parametrize("name", ["resid_post", "resid_mid", "attn_z", "mlp_act", "embed"])
+def test_grad_on_recorded_sites_equals_the_identity_edit_gradient(model, name):
+    """run(grad=True) puts cached tensors on the path of the forward pass, so autograd.grad
+    w.r.t. them equals the gradient obtained the old way, through an identity edit."""
+    if name == "resid_mid" and model.anatomy.parallel_residual:
+        pytest.skip("no resid_mid in a parallel block")
+    site = name if name == "embed" else (name, 1)
+    ids = random_ids()
+    run = model.run(ids, cache=[site], grad=True)
+    (g,) = torch.autograd.grad(_metric(run.logits), [run.cache[site]])
+    held = {}
+
+    def keep(x):
+        held["x"] = x.detach().requires_grad_(True)
+        return held["x"]
+
+    with torch.enable_grad():
+        ref = model.run(ids, edits=[ib.edit(site, keep)], grad=True)
+        (g_ref,) = torch.autograd.grad(_metric(ref.logits), [held["x"]])
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    assert g.abs().sum() > 0
+
+
+def test_grad_on_resid_post_matches_finite_differences():
+    model = tiny_model("llama")
+    ids = random_ids(batch=1)
+    site = ("resid_post", 0)
+    run = model.run(ids, cache=[site], grad=True)
+    (g,) = torch.autograd.grad(_metric(run.logits), [run.cache[site]])
+    base = run.cache[site].detach()
+    direction = torch.randn_like(base)
+    eps = 1e-3
+    plus, minus = (float(_metric(model.run(ids, edits=[ib.patch(site, base + s * eps * direction)]).logits))
+                   for s in (1, -1))
+    assert (plus - minus) / (2 * eps) == pytest.approx(float((g * direction).sum()), rel=2e-2, abs=1e-3)
+
+
+def test_trace_with_grad_gives_grads_in_a_block_you_run(model):
+    ids = random_ids()
+    with torch.enable_grad(), model.trace(cache=[("attn_z", 0), ("resid_pre", 2)], grad=True) as tr:
+        logits = model.hf(input_ids=ids).logits
+    gz, gr = torch.autograd.grad(_metric(logits), [tr.cache["attn_z", 0], tr.cache["resid_pre", 2]])
+    assert gz.shape == tr.cache["attn_z", 0].shape and gz.abs().sum() > 0 and gr.abs().sum() > 0

@@ -563,7 +563,11 @@ def check_site(anatomy: Anatomy, site: str, layer: int | None) -> None:
         return
     if layer is None:
         raise ValueError(f"Site {site!r} needs a layer, e.g. ({site!r}, 0).")
-    if not isinstance(layer, int) or not -anatomy.n_layers <= layer < anatomy.n_layers:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(
+            f"A layer index must be an int, e.g. ({site!r}, {int(layer) if isinstance(layer, float) and layer.is_integer() else 0}); "
+            f"got {layer!r} ({type(layer).__name__}). Derive layers with round(...) or int(...).")
+    if not -anatomy.n_layers <= layer < anatomy.n_layers:
         raise IndexError(
             f"Layer {layer!r} is out of range for {site!r}: this model has {anatomy.n_layers} "
             f"layers (0..{anatomy.n_layers - 1}, or negative from the end)."

@@ -9,9 +9,13 @@ from typing import Sequence
 import torch
 
 from .anatomy import Anatomy, anatomy_for
-from .tracing import ActivationCache, Edit, SiteSpec, Trace
+from .tracing import ActivationCache, Edit, SiteSpec, Trace, remember_source
 
 Prompts = str | Sequence[str] | torch.Tensor | dict
+
+
+def _describe(x) -> str:
+    return f"{type(x).__name__} {x!r}"[:80]
 
 
 @dataclass
@@ -27,6 +31,9 @@ class Run:
     @property
     def last_logits(self) -> torch.Tensor:
         """Logits at each prompt's final token ``[batch, vocab]`` (left padding puts it at -1)."""
+        if self.logits is None:
+            raise ValueError("This run has no logits: it was made with stop_early=True, which ends the forward "
+                             "pass after the last recorded layer. Run without stop_early to get logits.")
         return self.logits[:, -1]
 
 
@@ -68,22 +75,43 @@ class Model:
     def tokenize(self, prompts: Prompts) -> dict:
         """``input_ids`` and ``attention_mask`` for one prompt or a batch (left-padded)."""
         if isinstance(prompts, dict):
-            ids, mask = prompts["input_ids"], prompts.get("attention_mask")
+            if "input_ids" not in prompts:
+                raise ValueError("A dict of inputs needs 'input_ids' (and optionally 'attention_mask').")
+            ids, mask = torch.as_tensor(prompts["input_ids"]), prompts.get("attention_mask")
         elif isinstance(prompts, torch.Tensor):
             ids, mask = prompts, None
         else:
             if isinstance(prompts, str):
                 prompts = [prompts]
-            if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise TypeError("Prompts must be a string, a non-empty list of strings, or a tensor of token ids.")
+            if (not isinstance(prompts, Sequence) or not prompts
+                    or not all(isinstance(p, str) for p in prompts)):
+                raise TypeError("Prompts must be a string, a non-empty list of strings, a tensor of token ids "
+                                f"or a dict with input_ids; got {_describe(prompts)}.")
+            empty = [i for i, p in enumerate(prompts) if not p]
+            if empty:
+                raise ValueError(f"Prompt {empty[0]} is the empty string: it has no token to predict from "
+                                 "(in a batch it would be all padding). Remove it or give it some text.")
             enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"Token ids must be [batch, pos] with at least one position; got shape {tuple(ids.shape)}.")
-        if mask is None:
-            mask = torch.ones_like(ids)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"Token ids must be integers; got a {ids.dtype} tensor.")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.d_vocab):
+            raise ValueError(f"Token id {int(ids.max()) if int(ids.max()) >= self.d_vocab else int(ids.min())} is "
+                             f"outside this model's vocabulary (ids 0..{self.d_vocab - 1}); were the ids made by "
+                             "another tokenizer?")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
+                             "they must match.")
+        limit = getattr(self.hf.config, "max_position_embeddings", None)
+        if limit and ids.shape[1] > limit:
+            raise ValueError(f"The prompts are {ids.shape[1]} tokens long but {self.name} has "
+                             f"max_position_embeddings={limit}: positions past it are outside what the model "
+                             f"was built for. Shorten them to at most {limit} tokens.")
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def to_str_tokens(self, text: str) -> list[str]:
@@ -112,9 +140,11 @@ class Model:
 
     # --- forward passes ----------------------------------------------------------------
     def trace(self, *, cache: SiteSpec | None = None, edits: Sequence[Edit] = (),
-              stop_early: bool = False, grad: bool = False) -> Trace:
-        """A :class:`~interpbook.tracing.Trace` on this model, for forward passes you make."""
-        return Trace(self.anatomy, cache=cache, edits=edits, stop_early=stop_early, grad=grad)
+              stop_early: bool = False, grad: bool = False, attention_mask: torch.Tensor | None = None) -> Trace:
+        """A :class:`~interpbook.tracing.Trace` on this model, for forward passes you make
+        (with ``grad``, enable gradients around them)."""
+        return Trace(self.anatomy, cache=cache, edits=edits, stop_early=stop_early, grad=grad,
+                     attention_mask=attention_mask)
 
     def forward_inputs(self, prompts: Prompts) -> dict:
         """Keyword arguments for ``self.hf``: tokens, mask, and positions that skip padding."""
@@ -129,10 +159,12 @@ class Model:
         ``model.run("The Eiffel Tower is in", cache="resid_post").cache["resid_post", 5]``
         """
         inputs = self.forward_inputs(prompts)
-        tr = self.trace(cache=cache, edits=edits, stop_early=stop_early, grad=grad)
+        tr = self.trace(cache=cache, edits=edits, stop_early=stop_early, grad=grad,
+                        attention_mask=inputs["attention_mask"])
         logits = None
         with torch.set_grad_enabled(grad), tr:
             logits = self.hf(**inputs, use_cache=False).logits
+        remember_source(tr.cache, inputs["attention_mask"])
         return Run(logits, tr.cache, inputs["input_ids"], inputs["attention_mask"])
 
     def logits(self, prompts: Prompts, **kwargs) -> torch.Tensor:

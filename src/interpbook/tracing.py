@@ -15,6 +15,9 @@ when the block ends, also when it ends with an exception::
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -38,6 +41,11 @@ def normalize_site(anatomy: Anatomy, spec) -> Site:
         site, layer = spec, None
     elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
         site, layer = spec
+        if layer is not None and not isinstance(layer, (int, float)):
+            try:
+                layer = operator.index(layer)  # numpy ints, 0-d integer tensors
+            except TypeError:
+                pass
     else:
         raise TypeError(f"A site is a name or a (name, layer) pair such as ('resid_post', 3); got {spec!r}.")
     check_site(anatomy, site, layer)
@@ -111,28 +119,74 @@ class ActivationCache(Mapping):
         return f"ActivationCache({len(self)} entries: {sorted({s for s, _ in self._store})})"
 
 
-def _index(pos: Positions, head) -> tuple:
-    """Index tuple selecting (all batch, pos[, head]) with an outer product for two lists."""
-    def norm(x):
-        if x is None:
-            return slice(None)
-        if isinstance(x, (int, slice)):
-            return x
-        return torch.as_tensor(list(x), dtype=torch.long)
+Rows = Union[int, Sequence[int], slice, torch.Tensor, None]
 
-    p, h = norm(pos), norm(head)
-    if isinstance(p, torch.Tensor) and isinstance(h, torch.Tensor):
-        p = p[:, None]
-    return (slice(None), p) if head is None else (slice(None), p, h)
+
+def _selector(x, n: int, what: str):
+    """One dimension's selector: an int or slice as given, a list or bool mask as a
+    LongTensor of indices (checked against the dimension's length ``n``)."""
+    if x is None:
+        return slice(None)
+    if isinstance(x, slice):
+        return x
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        x = int(x)
+    if not isinstance(x, (bool, float, torch.Tensor, Sequence, range)):
+        try:
+            x = operator.index(x)  # ints, numpy ints
+        except TypeError:
+            pass
+    if isinstance(x, int) and not isinstance(x, bool):
+        if not -n <= x < n:
+            raise IndexError(f"{what} {x} is out of range: this activation has {n} (0..{n - 1}).")
+        return x
+    bad = TypeError(f"{what} must be an int, a 1-D list of ints, a slice or a bool mask; got {x!r}.")
+    if not isinstance(x, (torch.Tensor, Sequence, range)) or isinstance(x, str):
+        raise bad
+    t = torch.as_tensor(x.tolist() if isinstance(x, torch.Tensor) else list(x))
+    if t.dtype == torch.bool:
+        if t.shape != (n,):
+            raise ValueError(f"A bool mask for {what} needs one entry per element ({n}); got shape {tuple(t.shape)}.")
+        return t.nonzero()[:, 0]
+    if t.dim() != 1 or (t.numel() and t.is_floating_point()):
+        raise bad
+    t = t.long()
+    if t.numel() and not (-n <= int(t.min()) and int(t.max()) < n):
+        raise IndexError(f"{what} {t.tolist()} out of range: this activation has {n} (0..{n - 1}).")
+    return t
+
+
+def _index(shape: torch.Size, rows: Rows, pos: Positions, head) -> tuple:
+    """Index tuple for ``(rows, pos[, head])`` of a ``[batch, pos(, head), ...]`` activation.
+
+    Lists select an outer product (rows x positions x heads), ints drop their dimension, as
+    in basic indexing: the selection of ``x[rows, pos, head]`` always has the dimensions of
+    the non-int selectors, in order."""
+    names = ["rows", "positions", "heads"][: 2 if head is None else 3]
+    sels = [_selector(s, shape[i], names[i]) for i, s in enumerate([rows, pos, head][:len(names)])]
+    if not any(isinstance(s, torch.Tensor) for s in sels):
+        return tuple(sels)
+    # Mixed lists and slices: make every selector a tensor so that the selected dimensions
+    # stay in place, and shape the 1-D ones as an outer product.
+    ts = [torch.arange(shape[i])[s] if isinstance(s, slice) else torch.as_tensor(s) for i, s in enumerate(sels)]
+    n_vec = sum(t.dim() == 1 for t in ts)
+    out, k = [], 0
+    for t in ts:
+        if t.dim() == 1:
+            k += 1
+            t = t.view(-1, *([1] * (n_vec - k)))
+        out.append(t)
+    return tuple(out)
 
 
 @dataclass
 class Edit:
     """A change to one site's activation: ``fn(value) -> new value`` in canonical shape.
 
-    ``pos`` and ``head`` only document what the edit touches and let the trace check them
-    against the model before the forward pass. Edits that name positions apply to the first
-    forward pass in a trace (the prompt), not to later generation steps.
+    ``rows``, ``pos`` and ``head`` document what the edit touches and let the trace check
+    them against the model before the forward pass. Edits that name positions apply to the
+    first forward pass in a trace (the prompt), not to later generation steps. ``source``
+    is the attention mask of the run a patched value was recorded in (see :func:`patch`).
     """
 
     site: object
@@ -140,18 +194,20 @@ class Edit:
     pos: Positions = None
     head: object = None
     name: str = "edit"
+    rows: Rows = None
+    source: torch.Tensor | None = None
 
 
-def _select(name, site, pos, head, apply) -> Edit:
-    """An edit that replaces the (pos, head) slice of a site with ``apply(slice)``."""
-    idx = _index(pos, head)
+def _select(name, site, rows, pos, head, apply, source=None) -> Edit:
+    """An edit that replaces the (rows, pos, head) slice of a site with ``apply(slice)``."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
+        idx = _index(x.shape, rows, pos, head)
         out = x.clone()
         out[idx] = apply(x[idx])
         return out
 
-    return Edit(site, fn, pos, head, name)
+    return Edit(site, fn, pos, head, name, rows, source)
 
 
 def _checked(value: torch.Tensor, target: torch.Tensor, what: str, site) -> torch.Tensor:
@@ -163,33 +219,102 @@ def _checked(value: torch.Tensor, target: torch.Tensor, what: str, site) -> torc
     if shape != target.shape:
         raise ValueError(
             f"{what} value for {site!r} has shape {tuple(value.shape)}, but the selected "
-            f"activation has shape {tuple(target.shape)} (batch, positions[, heads], dim); "
+            f"activation has shape {tuple(target.shape)} (rows, positions[, heads], dim); "
             "pass a tensor of that shape or one that broadcasts to it."
         )
     return value
 
 
-def patch(site, value: torch.Tensor, *, pos: Positions = None, head=None) -> Edit:
-    """Replace a site's activation (or its ``pos``/``head`` slice) with ``value``.
+# --- where recorded activations came from ----------------------------------------------------
+# Model.run registers every cached tensor's storage with the attention mask of its run, so that
+# a patch made from it (also from a slice or view of it) can be checked against the run it is
+# patched into: differently padded batches put different tokens at the same position.
+_RECORDED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def remember_source(cache: "ActivationCache", attention_mask: torch.Tensor) -> None:
+    """Register the tensors of ``cache`` as recorded under ``attention_mask``."""
+    for key in [k for k, (ref, _) in _RECORDED.items() if ref() is None]:
+        del _RECORDED[key]
+    mask = attention_mask.detach().cpu()
+    for t in cache.values():
+        _RECORDED[t.untyped_storage().data_ptr()] = (weakref.ref(t), mask)
+
+
+def source_mask(value) -> torch.Tensor | None:
+    """The attention mask of the run ``value`` (or the tensor it is a view of) was recorded
+    in, or None when it does not come from a cache."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    ptr = value.untyped_storage().data_ptr()
+    ref, mask = _RECORDED.get(ptr, (None, None))
+    alive = ref() if ref is not None else None
+    return mask if alive is not None and alive.untyped_storage().data_ptr() == ptr else None
+
+
+def patch(site, value: torch.Tensor, *, pos: Positions = None, head=None, rows: Rows = None) -> Edit:
+    """Replace a site's activation (or its ``rows``/``pos``/``head`` slice) with ``value``.
 
     Typical use: ``patch(("resid_post", 8), clean_cache["resid_post", 8][:, -1], pos=-1)``.
+    ``rows`` selects batch rows (int, list, slice or bool mask), e.g. to patch a different
+    position into each copy of a repeated batch. A value taken from another run's cache
+    must come from a run with the same padding (attention mask) unless it patches the last
+    position only (left padding aligns it); otherwise :meth:`Model.run` raises.
     """
-    return _select("patch", site, pos, head, lambda t: _checked(value, t, "Patch", site).expand_as(t))
+    return _select("patch", site, rows, pos, head, lambda t: _checked(value, t, "Patch", site).expand_as(t),
+                   source=source_mask(value))
 
 
-def ablate(site, *, pos: Positions = None, head=None, value: torch.Tensor | float = 0.0) -> Edit:
+def ablate(site, *, pos: Positions = None, head=None, rows: Rows = None,
+           value: torch.Tensor | float = 0.0) -> Edit:
     """Set a slice to ``value``: 0 (zero-ablation) or a mean activation (mean-ablation)."""
-    return _select("ablate", site, pos, head, lambda t: _checked(value, t, "Ablation", site).expand_as(t))
+    return _select("ablate", site, rows, pos, head, lambda t: _checked(value, t, "Ablation", site).expand_as(t))
 
 
-def steer(site, vector: torch.Tensor, *, pos: Positions = None, scale: float = 1.0) -> Edit:
+def steer(site, vector: torch.Tensor, *, pos: Positions = None, rows: Rows = None, scale: float = 1.0) -> Edit:
     """Add ``scale * vector`` to a site (activation steering / addition)."""
-    return _select("steer", site, pos, None, lambda t: t + scale * _checked(vector, t, "Steering", site))
+    return _select("steer", site, rows, pos, None, lambda t: t + scale * _checked(vector, t, "Steering", site))
 
 
-def edit(site, fn: Callable[[torch.Tensor], torch.Tensor], *, pos: Positions = None) -> Edit:
-    """Apply any function to a site's activation (shape must be kept)."""
-    return Edit(site, fn, pos, None, "edit")
+def edit(site, fn: Callable[[torch.Tensor], torch.Tensor], *, pos: Positions = None, rows: Rows = None) -> Edit:
+    """Apply any function to a site's activation (shape must be kept).
+
+    With ``rows``, ``fn`` sees and returns only those batch rows; ``pos`` does not slice,
+    it marks the edit as one for the prompt pass only (not later generation steps)."""
+    if rows is None:
+        return Edit(site, fn, pos, None, "edit")
+    return dataclasses.replace(_select("edit", site, rows, None, None, fn), pos=pos)
+
+
+def _as_anatomy(obj) -> Anatomy:
+    """Accept a Model where an Anatomy is expected (``Trace(model, ...)``)."""
+    if isinstance(obj, Anatomy):
+        return obj
+    if isinstance(getattr(obj, "anatomy", None), Anatomy):
+        return obj.anatomy
+    raise TypeError(f"Trace needs a model's anatomy (model.anatomy) or the Model itself; got {type(obj).__name__}. "
+                    "Easiest: `with model.trace(cache=...)`.")
+
+
+def _check_source(site: Site, e: Edit, mask: torch.Tensor | None) -> None:
+    """Refuse a patch recorded under different padding than the run it goes into."""
+    src = e.source
+    if src is None or mask is None or (isinstance(e.pos, int) and e.pos == -1):
+        return
+    mask = mask.detach().cpu()
+    if e.rows is not None:  # the rows patched must carry the source's padding
+        rows = _selector(e.rows, mask.shape[0], "rows")
+        mask = mask[[rows]] if isinstance(rows, int) else mask[rows]
+    padded = not bool(src.all()) or not bool(mask.all())
+    if padded and not (src.shape == mask.shape and torch.equal(src, mask)):
+        def pads(m):
+            return f"shape {list(m.shape)}, {int((m == 0).sum())} padding tokens"
+        raise ValueError(
+            f"The value patched into {site!r} was recorded in a run padded differently ({pads(src)}) "
+            f"from this run ({pads(mask)}): the same position holds different tokens in the two, so the "
+            "patch would reproduce neither. Use prompts of equal token length (no padding), the same "
+            "batch layout in both runs, or patch the last position only (pos=-1). If the alignment is "
+            "intended, patch a copy (value.clone()) to skip this check.")
 
 
 @dataclass
@@ -204,14 +329,21 @@ class Trace:
 
     ``cache``: sites to record (see :func:`parse_sites`). ``edits``: :class:`Edit` objects.
     ``stop_early``: end the forward pass after the last layer that holds a recorded site
-    (the model's output is then not computed). ``grad``: keep recorded tensors in the
-    autograd graph (for gradient-based attribution).
+    (the model's output is then not computed). ``grad``: recorded tensors stay in the
+    autograd graph and the rest of the forward pass is computed from them, so
+    ``torch.autograd.grad(metric, [cache[s] for s in sites])`` gives each site's gradient
+    (enable gradients around the forward pass; :meth:`Model.run` does). ``attention_mask``:
+    the mask of the forward pass, used to check patches recorded in another run.
+    A trace is good for one ``with`` block; make a new one for the next.
     """
 
-    def __init__(self, anatomy: Anatomy, *, cache: SiteSpec | None = None,
-                 edits: Sequence[Edit] = (), stop_early: bool = False, grad: bool = False):
+    def __init__(self, anatomy, *, cache: SiteSpec | None = None,
+                 edits: Sequence[Edit] = (), stop_early: bool = False, grad: bool = False,
+                 attention_mask: torch.Tensor | None = None):
+        anatomy = _as_anatomy(anatomy)
         self.anatomy = anatomy
         self.grad = grad
+        self._used = False
         self.cache = ActivationCache(anatomy.n_layers)
         self._handles: list = []
         self._fired: set = set()
@@ -221,6 +353,7 @@ class Trace:
                 raise TypeError(f"edits must be Edit objects (from patch/ablate/steer/edit); got {type(e).__name__}.")
             site = normalize_site(anatomy, e.site)
             self._check_edit(site, e)
+            _check_source(site, e, attention_mask)
             plan.setdefault(site, _Planned(site)).edits.append(e)
         self._plan = plan
         self._stop_layer = None
@@ -244,6 +377,11 @@ class Trace:
 
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> "Trace":
+        if self._used:
+            raise RuntimeError(
+                "This Trace was already used for a `with` block: its cache holds the earlier pass and "
+                "its position edits would be skipped. Make a new one (model.trace(...)) for each block.")
+        self._used = True
         try:
             for site, planned in self._plan.items():
                 if site[0] == "resid_mid":
@@ -266,6 +404,12 @@ class Trace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _routes_grad(self, planned: _Planned) -> bool:
+        """With ``grad``, a recorded site is written back so that the rest of the pass is
+        computed from the cached tensor (a view such as attn_z would otherwise hang off the
+        graph, and resid_mid read at the MLP norm would miss the residual branch)."""
+        return self.grad and planned.record
 
     @staticmethod
     def _stop(module, args, output):
@@ -290,7 +434,7 @@ class Trace:
             def pre(module, args, kwargs):
                 raw = args[0] if args else kwargs["hidden_states"]
                 new = self._process(planned, point.read(raw))
-                if planned.edits:
+                if planned.edits or self._routes_grad(planned):
                     new = point.write(raw, new)
                     return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
                 return None
@@ -304,7 +448,7 @@ class Trace:
                         f"{site[0]!r} is not available: load the model with attn_implementation='eager' "
                         "(interpbook.load_model does) to get attention patterns.")
                 new = self._process(planned, point.read(raw))
-                if not planned.edits:
+                if not (planned.edits or self._routes_grad(planned)):
                     return None
                 new = point.write(raw, new)
                 if is_tuple:
@@ -318,7 +462,7 @@ class Trace:
         """resid_mid = resid_pre + attn_out: record it at the MLP norm's input; edit it by
         rewriting attn_out as (edited resid_mid - resid_pre)."""
         layer = planned.site[1]
-        if not planned.edits:
+        if not (planned.edits or self._routes_grad(planned)):
             self._hook(self.anatomy.hook_point("resid_mid", layer), planned)
             return
         seen: dict[str, torch.Tensor] = {}

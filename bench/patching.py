@@ -1,0 +1,92 @@
+"""Batched activation-patching sweep vs the one-forward-per-patch loop, on the real model.
+
+Two sweeps on IOI-style prompt pairs (the corrupted prompt repeats the other name, so the
+answer flips and both prompts have the same tokens count): ``resid_pre`` over
+``(layer, position)`` and ``attn_z`` over ``(layer, head)``. Each is run by
+``interpbook.patching.sweep`` (many patched copies of the corrupted batch in one forward pass,
+``rows=`` edits) and by ``interpbook.patching.sweep_naive`` (one forward pass per patch, the
+same last-position unembedding), and the two result grids are compared (max |diff|).
+Reported: wall and process-CPU seconds of each, and their ratios (CPU ratios are the least
+disturbed when other processes share the cores).
+
+Usage: ``python bench/patching.py [--prompts 4] [--layer-step 1] [--batch-size 64] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import interpbook as ib  # noqa: E402
+from interpbook import patching  # noqa: E402
+
+NAMES = [" Mary", " John", " Tom", " James", " Anna", " David", " Sarah", " Paul", " Emma", " Mark"]
+TEMPLATE = "When{a} and{b} went to the store,{s} gave a drink to"
+
+
+def ioi_pairs(model, n: int):
+    """``n`` clean/corrupted prompt pairs with single-token names, and the answer ids."""
+    names = [x for x in NAMES if len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) == 1]
+    clean, corrupt, right, wrong = [], [], [], []
+    for i in range(n):
+        a, b = names[(2 * i) % len(names)], names[(2 * i + 1) % len(names)]
+        clean.append(TEMPLATE.format(a=a, b=b, s=b))
+        corrupt.append(TEMPLATE.format(a=a, b=b, s=a))
+        right.append(model.token_id(a))
+        wrong.append(model.token_id(b))
+    return clean, corrupt, right, wrong
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--layer-step", type=int, default=1, help="sweep every n-th layer (1: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per batched forward pass")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = ib.load_model()
+    clean, corrupt, right, wrong = ioi_pairs(model, args.prompts)
+    n_tokens = model.tokenize(clean)["input_ids"].shape[1]
+
+    def metric(logits):
+        return patching.logit_diff(logits, right, wrong)
+
+    layers = list(range(0, model.n_layers, args.layer_step))
+    load = os.getloadavg()[0]
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} logical CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}")
+    print(f"{model.name}: {args.prompts} prompt pairs x {n_tokens} tokens, {len(layers)} layers, "
+          f"batch size {args.batch_size} rows\n")
+    print("| sweep | patches | naive s (wall / CPU) | batched s (wall / CPU) | speed-up wall | speed-up CPU | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for site, over in [("resid_pre", "pos"), ("attn_z", "head")]:
+        common = dict(over=over, layers=layers)
+        patching.sweep(model, clean, corrupt, site, metric, layers=layers[:1], over=over)  # warm-up
+        fast, fw, fc = timed(lambda: patching.sweep(model, clean, corrupt, site, metric,
+                                                    batch_size=args.batch_size, **common))
+        slow, sw, sc = timed(lambda: patching.sweep_naive(model, clean, corrupt, site, metric, **common))
+        diff = float((fast - slow).abs().max())
+        print(f"| {site} x {over} | {fast.numel()} | {sw:.1f} / {sc:.1f} | {fw:.1f} / {fc:.1f} | "
+              f"{sw / fw:.1f}x | {sc / fc:.1f}x | {diff:.1e} |", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

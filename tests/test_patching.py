@@ -1,0 +1,110 @@
+"""Activation patching: metrics, and the batched sweep against the one-forward-per-patch loop."""
+
+import pytest
+import torch
+from tiny_models import CONFIGS, random_ids, tiny_model
+
+from interpbook import patching
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    return tiny_model(request.param)
+
+
+def _metric(logits):
+    return patching.logit_diff(logits, [5, 6], [8, 9])
+
+
+SWEEPS = [("resid_pre", "pos"), ("attn_z", "head"), ("mlp_out", "pos"), ("k", "head"), ("attn_z", "pos")]
+
+
+@pytest.mark.parametrize("site,over", SWEEPS)
+def test_batched_sweep_equals_the_naive_loop(model, site, over):
+    clean, corrupt = random_ids(seed=1), random_ids(seed=2)
+    # batch_size 5 with 2 rows: 2 copies per forward, and a last chunk with one copy
+    fast = patching.sweep(model, clean, corrupt, site, _metric, over=over, batch_size=5)
+    slow = patching.sweep_naive(model, clean, corrupt, site, _metric, over=over)
+    n = model.anatomy.n_kv_heads if site == "k" else model.n_heads
+    assert fast.shape == (model.n_layers, 7 if over == "pos" else n)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_end_points(model):
+    """At the last layer's output, patching the last position gives the clean score and
+    patching any earlier position changes nothing (only the final norm and unembedding follow)."""
+    clean, corrupt = random_ids(seed=1), random_ids(seed=2)
+    clean_score = float(_metric(model.run(clean).last_logits).mean())
+    corrupt_score = float(_metric(model.run(corrupt).last_logits).mean())
+    effect = patching.sweep(model, clean, corrupt, "resid_post", _metric, layers=[-1])
+    assert effect.shape == (1, 7)
+    assert float(effect[0, -1]) == pytest.approx(clean_score, abs=1e-4)
+    assert effect[0, :-1].tolist() == pytest.approx([corrupt_score] * 6, abs=1e-4)
+
+
+def test_sweep_with_padding_shared_by_both_runs():
+    """Padded batches are fine when clean and corrupt share the attention mask."""
+    model = tiny_model("llama")
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    clean = {"input_ids": random_ids(seed=1), "attention_mask": mask}
+    corrupt = {"input_ids": random_ids(seed=2), "attention_mask": mask}
+    fast = patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=4)
+    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, "resid_pre", _metric),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_inputs_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="same shape"):
+        patching.sweep(model, random_ids(pos=7), random_ids(pos=6), "resid_pre", _metric)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 0] = 0
+    with pytest.raises(ValueError, match=r"padded differently \(rows \[1\]\)"):
+        patching.sweep(model, random_ids(), {"input_ids": random_ids(), "attention_mask": mask}, "resid_pre", _metric)
+    with pytest.raises(ValueError, match="per-head site"):
+        patching.sweep(model, random_ids(), random_ids(), "resid_pre", _metric, over="head")
+    with pytest.raises(ValueError, match="'pos' or 'head'"):
+        patching.sweep(model, random_ids(), random_ids(), "resid_pre", _metric, over="layer")
+    with pytest.raises(ValueError, match="recorded, not patched"):
+        patching.sweep(model, random_ids(), random_ids(), "attn_pattern", _metric)
+
+
+def test_logit_diff_and_normalized_effect():
+    logits = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.5, 0.0]])
+    torch.testing.assert_close(patching.logit_diff(logits, [2, 0], [1, 1]), torch.tensor([2.0, 1.5]))
+    torch.testing.assert_close(patching.logit_diff(logits[:, None], 2, 0), torch.tensor([3.0, -2.0]))
+    with pytest.raises(ValueError, match="3 ids for 2 rows"):
+        patching.logit_diff(logits, [0, 1, 2], 0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        patching.logit_diff(logits, 3, 0)
+    torch.testing.assert_close(patching.normalized_effect(torch.tensor([1.0, 3.0]), 3.0, 1.0), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="are equal"):
+        patching.normalized_effect(1.0, 2.0, 2.0)
+
+
+# --- the real model ----------------------------------------------------------------------------
+IOI = [("When Mary and John went to the store, John gave a drink to", " Mary", " John"),
+       ("When Tom and James went to the park, James gave a ball to", " Tom", " James")]
+
+
+@pytest.mark.integration
+def test_batched_sweep_on_the_real_model(real_model):
+    """IOI-style pairs (the corrupted prompt repeats the other name): the batched sweep
+    equals the naive loop, and the clean/corrupt logit differences have opposite signs."""
+    m = real_model
+    clean = [p for p, _, _ in IOI]
+    corrupt = [p.replace(f",{b} gave", f",{a} gave") for p, a, b in IOI]
+    answers = [m.token_id(a) for _, a, _ in IOI]
+    wrong = [m.token_id(b) for _, _, b in IOI]
+    assert m.tokenize(clean)["input_ids"].shape == m.tokenize(corrupt)["input_ids"].shape
+
+    def metric(logits):
+        return patching.logit_diff(logits, answers, wrong)
+
+    assert float(metric(m.run(clean).last_logits).mean()) > 0 > float(metric(m.run(corrupt).last_logits).mean())
+    layers = [0, round(0.7 * m.n_layers), m.n_layers - 1]
+    for site, over in [("resid_pre", "pos"), ("attn_z", "head")]:
+        fast = patching.sweep(m, clean, corrupt, site, metric, over=over, layers=layers, batch_size=32)
+        slow = patching.sweep_naive(m, clean, corrupt, site, metric, over=over, layers=layers)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
