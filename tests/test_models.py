@@ -17,9 +17,9 @@ pytestmark = pytest.mark.integration
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
-@pytest.fixture(scope="module")
-def model():
-    return ib.load_model()
+@pytest.fixture
+def model(real_model):
+    return real_model
 
 
 def test_default_model_and_its_shape(model):

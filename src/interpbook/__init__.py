@@ -9,14 +9,16 @@ The chapters call a small, tested API::
 """
 
 from .anatomy import SITES, Anatomy, anatomy_for
-from .lenses import logit_lens, top_tokens
+from . import patching
+from .lenses import direct_logit_attribution, final_norm_scale, logit_lens, top_tokens
 from .lm import Model, Run
 from .models import describe_models, load_model
 from .records import record
 from .tracing import ActivationCache, Edit, StopForward, Trace, ablate, edit, patch, steer
 
 __all__ = [
-    "SITES", "Anatomy", "anatomy_for", "logit_lens", "top_tokens", "Model", "Run",
+    "SITES", "Anatomy", "anatomy_for", "logit_lens", "top_tokens", "direct_logit_attribution",
+    "final_norm_scale", "patching", "Model", "Run",
     "describe_models", "load_model", "record", "ActivationCache", "Edit", "StopForward", "Trace",
     "ablate", "edit", "patch", "steer",
 ]
