@@ -6,9 +6,11 @@ exercises work on any model the book runs on), compares, and either returns a
 :class:`~interpbook.exercises.CheckFailed`. When an answer is wrong, the check also tries
 the usual slips (a missing causal mask, the rotary embedding left out, an off-by-one
 between logits and targets, ...) and names the one that reproduces the reader's answer.
-Those diagnoses that need the architecture's details are made for Llama-family models
-(SmolLM2, Llama, Qwen2, Mistral); on other families the check still grades, with the
-generic message.
+The diagnoses of the attention exercise need a rotary model (the Llama family, Gemma 3);
+on other families the check still grades, with the generic message.
+
+The reference answers are private (``_reference_...``): a reader who imports from this
+module finds the checks and :func:`rope_base`, not the solutions.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ import torch
 from . import CheckFailed, CheckResult, as_array, check_close
 
 __all__ = [
-    "continuation_logprobs",
     "check_continuation_logprobs",
+    "rope_base",
     "check_attention_head",
     "check_block_forward",
-    "logit_lens_top1",
     "check_logit_lens",
-    "greedy_continuation",
     "check_greedy_generation",
 ]
 
@@ -49,11 +49,6 @@ def _squeeze_batch(x: np.ndarray, ndim: int) -> np.ndarray:
     return x[0] if x.ndim == ndim + 1 and x.shape[0] == 1 else x
 
 
-def _is_llama(model) -> bool:
-    cfg = model.hf.config
-    return model.anatomy.family == "llama" and "rope_theta" in (getattr(cfg, "rope_parameters", None) or {})
-
-
 def _diagnose(exercise: str, got: np.ndarray, variants: dict[str, object], rtol: float, atol: float) -> None:
     """Raise CheckFailed naming the first slip whose output equals the reader's answer."""
     for message, value in variants.items():
@@ -70,7 +65,7 @@ def _continuation_ids(model, prompt: str, continuation: str) -> tuple[torch.Tens
     return prompt_ids, torch.tensor(cont, device=prompt_ids.device)
 
 
-def continuation_logprobs(model, prompt: str, continuation: str) -> torch.Tensor:
+def _reference_continuation_logprobs(model, prompt: str, continuation: str) -> torch.Tensor:
     """Reference: ``log p(token | everything before it)`` for each token of ``continuation``.
 
     The prompt and the continuation are tokenised separately and concatenated (as when a
@@ -90,7 +85,7 @@ def check_continuation_logprobs(model, prompt: str, continuation: str, logprobs:
     ex = "Exercise 1"
     got = _answer(ex, logprobs, "logprobs")
     prompt_ids, cont_ids = _continuation_ids(model, prompt, continuation)
-    ref = continuation_logprobs(model, prompt, continuation)
+    ref = _reference_continuation_logprobs(model, prompt, continuation)
     n, n_prompt = len(cont_ids), len(prompt_ids)
     if got.ndim == 0 or got.size == 1:
         if np.isclose(got.reshape(()), float(ref.sum()), rtol=1e-4, atol=1e-4):
@@ -129,46 +124,85 @@ def check_continuation_logprobs(model, prompt: str, continuation: str, logprobs:
 
 
 # --- Exercise 2: one attention head by hand ----------------------------------------------
-def _rotary(model, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_base(model, layer: int) -> float:
+    """The rotary base ``b`` of ``layer``, for the angles ``theta_k = b ** (-2k / d_head)``.
+
+    Read from the model's configuration: one base per model (Llama family), or one per kind
+    of layer (Gemma 3: a small base in the local sliding-window layers, a large one in the
+    global layers). Raises ``ValueError`` for a model without rotary embeddings, or whose
+    rotary frequencies are rescaled (then the plain formula does not apply).
+    """
+    cfg = model.hf.config
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}")
+    params = getattr(cfg, "rope_parameters", None) or {}
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds and kinds[layer] in params:
+        params = params[kinds[layer]]
+    base = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if base is None:
+        raise ValueError(f"{model.name} has no rotary position embedding in its configuration")
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"{model.name} rescales its rotary frequencies (rope_type {params['rope_type']!r}); "
+                         "take cos and sin from model.hf.base_model.rotary_emb instead of the plain formula")
+    return float(base)
+
+
+def _rotary(model, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     a = model.anatomy
-    theta = model.hf.config.rope_parameters["rope_theta"]
-    inv_freq = theta ** (-torch.arange(0, a.d_head, 2, dtype=torch.float32) / a.d_head)
+    inv_freq = rope_base(model, layer) ** (-torch.arange(0, a.d_head, 2, dtype=torch.float32) / a.d_head)
     angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq
     return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x [pos, d_head]`` (the rotate-half layout of Llama)."""
+    """Rotary embedding of ``x [pos, d_head]`` (the rotate-half layout of Llama and Gemma)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _head_variants(model, resid_pre: torch.Tensor, layer: int, head: int) -> dict[str, torch.Tensor]:
-    """Patterns and outputs of one head computed with each usual slip (Llama family)."""
-    a = model.anatomy
-    n = resid_pre.shape[0]
-    cos, sin = _rotary(model, n)
-    mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+def _has_rotary(model) -> bool:
+    try:
+        rope_base(model, 0)
+    except ValueError:
+        return False
+    return True
 
-    def head_out(norm=True, rope=True, scale=True, causal=True, rotate_v=False):
+
+def _head_variants(model, resid_pre: torch.Tensor, layer: int, head: int) -> dict[str, tuple]:
+    """Pattern and output of one head computed with each usual slip (rotary models only)."""
+    a = model.anatomy
+    attn = a.attn(layer)
+    n = resid_pre.shape[0]
+    cos, sin = _rotary(model, layer, n)
+    mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    has_qk_norm = hasattr(attn, "q_norm")
+
+    def head_out(norm=True, rope=True, scale=True, causal=True, rotate_v=False, qk_norm=True):
         h = a.ln1(layer)(resid_pre) if norm else resid_pre
-        q, k, v = (h @ W(layer)[head] for W in (a.W_Q, a.W_K, a.W_V))
+        q, k, v = (h @ W(layer)[head] + (0 if b(layer) is None else b(layer)[head])
+                   for W, b in [(a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V)])
+        if has_qk_norm and qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         if rope:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if rotate_v:
             v = _rotate(v, cos, sin)
-        scores = q @ k.T / (a.d_head**0.5 if scale else 1.0)
+        scores = q @ k.T * (attn.scaling if scale else 1.0)
         if causal:
             scores = scores.masked_fill(mask, float("-inf"))
         pattern = scores.softmax(-1)
         return pattern, pattern @ v
 
     with torch.no_grad():
-        return {
+        variants = {
             "no_rope": head_out(rope=False), "no_scale": head_out(scale=False),
             "no_mask": head_out(causal=False), "no_norm": head_out(norm=False),
             "rotated_v": head_out(rotate_v=True),
         }
+        if has_qk_norm:
+            variants["no_qk_norm"] = head_out(qk_norm=False)
+    return variants
 
 
 def check_attention_head(model, prompt: str, layer: int, head: int, pattern: object, z: object = None) -> CheckResult:
@@ -187,7 +221,7 @@ def check_attention_head(model, prompt: str, layer: int, head: int, pattern: obj
         raise CheckFailed(f"{ex}: the pattern should be [query, key] = ({n}, {n}) for this {n}-token "
                           f"prompt, got {tuple(got.shape)}")
     tol = dict(rtol=1e-4, atol=1e-5)
-    variants = _head_variants(model, run.cache["resid_pre", layer][0], layer, head) if _is_llama(model) else {}
+    variants = _head_variants(model, run.cache["resid_pre", layer][0], layer, head) if _has_rotary(model) else {}
     if not _matches(got, ref, **tol):
         rows = got.sum(-1)
         if _matches(got.T, ref, **tol):
@@ -204,8 +238,12 @@ def check_attention_head(model, prompt: str, layer: int, head: int, pattern: obj
         _diagnose(ex, got, {
             "the rotary embedding is missing: rotate q and k by their positions (RoPE) before "
             "the dot product": variants.get("no_rope", (None,))[0],
-            "the scores are not scaled: divide q·k by sqrt(d_head) before the softmax":
+            "the scores are not scaled: multiply q·k by the attention's scale before the softmax "
+            "(1/sqrt(d_head) in the Llama family; model.anatomy.attn(layer).scaling holds it)":
                 variants.get("no_scale", (None,))[0],
+            "the query and key norms are missing: this model normalises every query and key "
+            "(model.anatomy.attn(layer).q_norm and .k_norm) before the rotation":
+                variants.get("no_qk_norm", (None,))[0],
             "the block's input norm is missing: apply ln1 (RMSNorm) to resid_pre before projecting "
             "to q, k, v": variants.get("no_norm", (None,))[0],
         }, **tol)
@@ -241,8 +279,9 @@ def check_block_forward(model, prompt: str, layer: int, resid_post: object) -> C
     if not _matches(got, ref, **tol):
         a = model.anatomy
         with torch.no_grad():
-            mlp_of_pre = a.mlp_act_from(layer, a.ln2(layer)(c["resid_pre"])) @ a.W_out(layer)
-            mlp_no_norm = a.mlp_act_from(layer, c["resid_mid"]) @ a.W_out(layer)
+            post = a.post_mlp_norm(layer)  # Gemma 3 normalises the MLP's output; identity elsewhere
+            mlp_of_pre = post(a.mlp_act_from(layer, a.ln2(layer)(c["resid_pre"])) @ a.W_out(layer))
+            mlp_no_norm = post(a.mlp_act_from(layer, c["resid_mid"]) @ a.W_out(layer))
         _diagnose(ex, got, {
             "this is resid_mid: you added attention's output but not the MLP's": c["resid_mid"],
             "the residual connections are missing: a block *adds* attention's and the MLP's "
@@ -265,13 +304,6 @@ def _lens_logits(model, prompt: str, *, norm: bool = True, site: str = "resid_po
     resid = run.cache.stack(site)[:, 0, -1]  # [layer, d_model]
     with torch.no_grad():
         return model.anatomy.unembed(resid) if norm else resid @ model.anatomy.W_U
-
-
-def logit_lens_top1(model, prompt: str) -> list[str]:
-    """Reference: the top-1 token (as a string) of the logit lens at the last position, one per
-    layer, read off each block's output ``resid_post``."""
-    logits = _lens_logits(model, prompt)
-    return [model.tokenizer.decode([int(i)]) for i in logits.argmax(-1)]
 
 
 def _as_token_strings(model, answer: Sequence, ex: str) -> list[str]:
@@ -326,7 +358,7 @@ def check_logit_lens(model, prompt: str, top1: object) -> CheckResult:
 
 
 # --- Exercise 5: greedy decoding -----------------------------------------------------------
-def greedy_continuation(model, prompt: str, n_new: int) -> list[int]:
+def _reference_greedy_ids(model, prompt: str, n_new: int) -> list[int]:
     """Reference: the ids of ``n_new`` greedily decoded tokens after ``prompt`` (full
     forward pass per step, no key-value cache)."""
     ids = model.tokenize(prompt)["input_ids"][0]
@@ -347,7 +379,7 @@ def check_greedy_generation(model, prompt: str, n_new: int, text: object) -> Che
     if not isinstance(text, str):
         raise CheckFailed(f"{ex}: return the generated text as a string (decode the new ids with "
                           f"model.tokenizer.decode), got {type(text).__name__}")
-    ref_ids = greedy_continuation(model, prompt, n_new)
+    ref_ids = _reference_greedy_ids(model, prompt, n_new)
     ref = model.tokenizer.decode(ref_ids)
     if text == ref:
         return CheckResult(ex, f"your {n_new} greedy tokens match")
