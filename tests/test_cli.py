@@ -145,3 +145,18 @@ def test_models_accepts_registry_names(name, monkeypatch, capsys):
 def test_models_accepts_a_local_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("INTERPBOOK_MODEL", str(tmp_path))
     assert cli.main(["models"]) == 0
+
+
+def test_export_setup_cell_installs_from_the_checkout_or_the_published_book(tmp_path, monkeypatch):
+    from interpbook import starters
+
+    monkeypatch.delenv("INTERPBOOK_BASEURL", raising=False)
+    assert cli.main(["export", str(PAGE), "-o", str(tmp_path / "a")]) == 0
+    setup = nbformat.read(tmp_path / "a" / "exercise_page.ipynb", as_version=4).cells[1].source
+    assert f"install -q {REPO}" in setup
+    monkeypatch.setenv("INTERPBOOK_BASEURL", "https://book.example/ib/")
+    assert cli.main(["export", str(PAGE), "-o", str(tmp_path / "b")]) == 0
+    setup = nbformat.read(tmp_path / "b" / "exercise_page.ipynb", as_version=4).cells[1].source
+    assert f"install -q https://book.example/ib/_static/{starters.wheel_name()}" in setup
+    assert cli.main(["export", str(PAGE), "-o", str(tmp_path / "c"), "--install", "interpbook==9"]) == 0
+    assert "install -q interpbook==9" in nbformat.read(tmp_path / "c" / "exercise_page.ipynb", as_version=4).cells[1].source
