@@ -243,13 +243,16 @@ def remember_source(cache: "ActivationCache", attention_mask: torch.Tensor) -> N
 
 def source_mask(value) -> torch.Tensor | None:
     """The attention mask of the run ``value`` (or the tensor it is a view of) was recorded
-    in, or None when it does not come from a cache."""
-    if not isinstance(value, torch.Tensor):
+    in, when ``value`` still has that run's batch rows (so its positions are meant to line
+    up with the patched run's); None otherwise, e.g. for a single vector moved on purpose."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None
     ptr = value.untyped_storage().data_ptr()
     ref, mask = _RECORDED.get(ptr, (None, None))
     alive = ref() if ref is not None else None
-    return mask if alive is not None and alive.untyped_storage().data_ptr() == ptr else None
+    if alive is None or alive.untyped_storage().data_ptr() != ptr or value.shape[0] != mask.shape[0]:
+        return None
+    return mask
 
 
 def patch(site, value: torch.Tensor, *, pos: Positions = None, head=None, rows: Rows = None) -> Edit:
