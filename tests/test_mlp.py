@@ -167,3 +167,7 @@ def test_top_sub_updates(model):
     assert subs[0].weight >= subs[1].weight >= subs[2].weight
     m = mlp.sub_updates(model, random_ids(batch=1), 0)[0]
     assert subs[0].coefficient == pytest.approx(float(m[subs[0].neuron]))
+
+
+def test_visible():
+    assert mlp.visible(" Paris") == "␣Paris" and mlp.visible("  x") == "␣␣x" and mlp.visible("s") == "s"
