@@ -20,7 +20,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -38,36 +40,48 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 
-def package_project() -> Path:
-    """The source checkout of the installed interpbook (the folder with pyproject.toml)."""
-    package = Path(next(iter(importlib.util.find_spec("interpbook").submodule_search_locations)))
-    project = package.parents[1]
-    if not (project / "pyproject.toml").is_file():
-        raise ExtensionError(
-            f"interpbook is imported from {package}, not from a source checkout; the book ships "
-            "a wheel of the package it executes with, so install it with `pip install -e .`"
-        )
-    return project
+def imported_package() -> Path:
+    """The folder of the interpbook package the kernels import (maybe not the installed one)."""
+    return Path(next(iter(importlib.util.find_spec("interpbook").submodule_search_locations)))
+
+
+def package_project(package: Path) -> Path:
+    """The checkout holding ``pyproject.toml`` for ``package``: the folder above ``src/``,
+    else the one the distribution was installed from (``pip install -e``)."""
+    candidates = [package.parents[1]]
+    direct_url = importlib.metadata.distribution("interpbook").read_text("direct_url.json")
+    if direct_url:
+        url = json.loads(direct_url).get("url", "")
+        if url.startswith("file://"):
+            candidates.append(Path(url.removeprefix("file://")))
+    for project in candidates:
+        if (project / "pyproject.toml").is_file():
+            return project
+    raise ExtensionError(
+        f"interpbook is imported from {package}, not from a source checkout; the book ships "
+        "a wheel of the package it executes with, so install it with `pip install -e .`"
+    )
 
 
 def package_wheel(cache: Path) -> Path:
-    """A wheel of the interpbook sources, built once per source digest into ``cache``."""
-    project = package_project()
-    files = [project / "pyproject.toml", project / "README.md",
-             *sorted((project / "src").rglob("*.py"))]
+    """A wheel of the imported interpbook sources, built once per source digest into ``cache``."""
+    package = imported_package()
+    project = package_project(package)
+    files = [project / "pyproject.toml", project / "README.md"]
     h = hashlib.sha256()
     for path in files:
-        h.update(path.relative_to(project).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     folder = cache / h.hexdigest()[:16]
     built = sorted(folder.glob("interpbook-*.whl"))
     if built:
         return built[0]
     with tempfile.TemporaryDirectory() as tmp:  # a clean copy: no stale build/ folder leaks in
         copy = Path(tmp) / "interpbook"
-        shutil.copytree(project / "src", copy / "src", ignore=shutil.ignore_patterns(
-            "__pycache__", "*.egg-info"))
-        for name in ("pyproject.toml", "README.md"):
-            shutil.copy2(project / name, copy / name)
+        shutil.copytree(package, copy / "src" / "interpbook", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in files:
+            shutil.copy2(path, copy / path.name)
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
              "-w", str(Path(tmp) / "dist"), str(copy)],
