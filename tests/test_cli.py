@@ -142,8 +142,12 @@ def test_models_accepts_registry_names(name, monkeypatch, capsys):
     assert "default model" in capsys.readouterr().out
 
 
-def test_models_accepts_a_local_folder(monkeypatch, tmp_path, capsys):
+def test_models_checks_a_local_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("INTERPBOOK_MODEL", str(tmp_path))
+    assert cli.main(["models"]) == 2, "an empty folder holds no model"
+    assert "cannot be loaded" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     assert cli.main(["models"]) == 0
 
 

@@ -133,15 +133,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     """
     from . import models
 
-    print(models.describe_models())
     selected = os.environ.get("INTERPBOOK_MODEL")
-    if selected and selected not in models.REGISTRY:
-        try:
+    try:
+        print(models.describe_models())
+        if selected and selected not in models.REGISTRY:
             models._hf_source(selected)
-        except (models.ModelNotInstalled, ValueError) as exc:  # ValueError: not a valid HF id
-            print(f"interpbook models: error: INTERPBOOK_MODEL={selected!r} cannot be loaded: {exc}",
-                  file=sys.stderr)
-            return 2
+    except (models.ModelNotInstalled, ValueError) as exc:  # ValueError: not a valid HF id
+        print(f"interpbook models: error: INTERPBOOK_MODEL={selected!r} cannot be loaded: {exc}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
