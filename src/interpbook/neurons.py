@@ -214,7 +214,8 @@ def _logit_gram(model: Model, token_ids: torch.Tensor, log_freq: torch.Tensor) -
     """``(G, g, |f|)`` for correlations over ``token_ids``: with ``W`` the folded
     unembedding's columns of those tokens, centred over the tokens, and ``f`` the centred
     log-frequencies, ``G = W W^T`` and ``g = W f``."""
-    W = model.anatomy.folded_W_U()[:, token_ids].float()
+    a = model.anatomy
+    W = (a.norm_gain(a.final_norm())[:, None] * a.W_U[:, token_ids]).float()  # folded, only these columns
     W = W - W.mean(1, keepdim=True)
     f = log_freq.float() - log_freq.float().mean()
     return (W @ W.T).double(), (W @ f).double(), float(f.norm())
