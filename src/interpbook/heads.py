@@ -333,10 +333,12 @@ def dynamic_relation_scores(model, prompts, src_ids, tgt_ids, *, k: int = 10,
     prompts = prompts if isinstance(prompts, torch.Tensor) else list(prompts)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        run = model.run(chunk, cache=["attn_z", "v"])
+        # stop after the last block: only the last position's logits are needed, never [b, pos, vocab]
+        run = model.run(chunk, cache=["attn_z", "v", ("resid_post", L - 1)], stop_early=True)
         pos = torch.tensor([_last_index(run.input_ids[i], src[start + i]) for i in range(len(chunk))])
         rows = torch.arange(len(chunk))
-        preds.append(run.last_logits.argmax(-1).cpu())
+        with torch.no_grad():
+            preds.append(a.unembed(run.cache["resid_post", L - 1][:, -1]).argmax(-1).cpu())
         out_w, out_wo = [], []
         with torch.no_grad():
             for layer in range(L):
