@@ -244,7 +244,7 @@ def train_tuned_lens(model: Model, windows: torch.Tensor, config: TunedLensConfi
     the positions held out for the choice: the identity (the logit lens, the paper's
     start) or a least-squares map to the last layer's normalised state (a cheap
     closed-form start that lets a few hundred CPU steps suffice); then all translators
-    are trained together with Adam on the KL of :func:`_coarse_kl`.
+    are trained together with Adam on the KL of ``_coarse_kl``.
     """
     states = collect_states(model, windows, config.skip)               # [layer, token, d]
     vocab, p_vocab, p_rest = _final_targets(model, states[-1], config.train_vocab)
