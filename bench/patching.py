@@ -4,12 +4,14 @@ Two sweeps on IOI-style prompt pairs (the corrupted prompt repeats the other nam
 answer flips and both prompts have the same tokens count): ``resid_pre`` over
 ``(layer, position)`` and ``attn_z`` over ``(layer, head)``. Each is run by
 ``interpbook.patching.sweep`` (many patched copies of the corrupted batch in one forward pass,
-``rows=`` edits) and by ``interpbook.patching.sweep_naive`` (one forward pass per patch, the
+``rows=`` edits; over positions only the positions from the patched one on are computed,
+on the corrupted run's key/value cache) and by ``interpbook.patching.sweep_naive`` (one forward pass per patch, the
 same last-position unembedding), and the two result grids are compared (max |diff|).
 Reported: wall and process-CPU seconds of each, and their ratios (CPU ratios are the least
 disturbed when other processes share the cores).
 
-Usage: ``python bench/patching.py [--prompts 4] [--layer-step 1] [--batch-size 64] [--threads N]``
+Usage: ``python bench/patching.py [--prompts 4] [--layer-step 1] [--batch-size 64] [--threads N]
+[--sweeps resid_pre:pos attn_z:head]``
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--layer-step", type=int, default=1, help="sweep every n-th layer (1: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batched forward pass")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sweeps", nargs="+", default=["resid_pre:pos", "attn_z:head"],
+                        help="site:over pairs to time")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +80,7 @@ def main() -> None:
           f"batch size {args.batch_size} rows\n")
     print("| sweep | patches | naive s (wall / CPU) | batched s (wall / CPU) | speed-up wall | speed-up CPU | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for site, over in [("resid_pre", "pos"), ("attn_z", "head")]:
+    for site, over in (s.split(":") for s in args.sweeps):
         common = dict(over=over, layers=layers)
         patching.sweep(model, clean, corrupt, site, metric, layers=layers[:1], over=over)  # warm-up
         fast, fw, fc = timed(lambda: patching.sweep(model, clean, corrupt, site, metric,

@@ -30,6 +30,20 @@ def test_batched_sweep_equals_the_naive_loop(model, site, over):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
+def test_position_sweeps_reuse_the_corrupted_prefix(model, monkeypatch):
+    """Every family keeps a plain key/value cache, so position sweeps compute only the
+    positions from the patched one on (the equality test above checks that path); without
+    a cache the sweep computes whole copies and still equals the naive loop."""
+    corrupt = random_ids(seed=2)
+    keys, values = patching._corrupted_prefix(model, model.tokenize(corrupt))[0]
+    assert keys.shape[0] == 2 and keys.shape[-2] == 7 and values.shape == keys.shape
+    monkeypatch.setattr(patching, "_corrupted_prefix", lambda *args: None)
+    clean = random_ids(seed=1)
+    fast = patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=5)
+    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, "resid_pre", _metric),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_sweep_end_points(model):
     """At the last layer's output, patching the last position gives the clean score and
     patching any earlier position changes nothing (only the final norm and unembedding follow)."""
@@ -43,7 +57,8 @@ def test_sweep_end_points(model):
 
 
 def test_sweep_with_padding_shared_by_both_runs():
-    """Padded batches are fine when clean and corrupt share the attention mask."""
+    """Padded batches are fine when clean and corrupt share the attention mask (the reused
+    prefix of a padded row starts with padding)."""
     model = tiny_model("llama")
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0

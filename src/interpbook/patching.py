@@ -129,28 +129,75 @@ def sweep(model: Model, clean: Prompts, corrupt: Prompts, site: str, metric: Met
     ``metric(logits)`` gets the last-position logits ``[batch, vocab]`` of one patched copy
     of the corrupted batch and returns a number or one per row (averaged). Clean and
     corrupted inputs must have the same shape and attention mask. ``batch_size`` bounds the
-    rows of one forward pass: ``batch_size // batch`` patched copies go in each."""
+    rows of one forward pass: ``batch_size // batch`` patched copies go in each.
+
+    Over positions, a patch at position ``p`` leaves positions before ``p`` as in the
+    corrupted run, so the patched copies reuse the corrupted run's key/value cache for that
+    prefix and compute only the positions from ``p`` on (about half the arithmetic)."""
     layers = _check_request(model, site, layers)
     enc_clean, enc_corrupt = _encode_pair(model, clean, corrupt)
     n_rows, n_pos = enc_corrupt["input_ids"].shape
     targets = patch_targets(model, site, over, n_pos, layers)
     with torch.no_grad():
         clean_run = model.run(enc_clean, cache=[(site, layer) for layer in layers])
+    prefix = _corrupted_prefix(model, enc_corrupt) if over == "pos" else None
+    # packed forwards: (first position computed, [(target index, layer, pos or head)])
     copies = max(1, batch_size // n_rows)
-    scores = []
-    chunks = range(0, len(targets), copies)
+    if prefix is None:
+        indexed = [(t, layer, i) for t, (layer, i) in enumerate(targets)]
+        chunks = [(0, indexed[s:s + copies]) for s in range(0, len(indexed), copies)]
+    else:
+        chunks = []
+        for p in range(n_pos):
+            at_p = [(t, layer, i) for t, (layer, i) in enumerate(targets) if i == p]
+            chunks += [(p, at_p[s:s + copies]) for s in range(0, len(at_p), copies)]
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"patching {site}")
-    for start in chunks:
-        chunk = targets[start:start + copies]
+    scores = torch.empty(len(targets))
+    for start, chunk in chunks:
         edits = []
-        for c, (layer, i) in enumerate(chunk):
+        for c, (_, layer, i) in enumerate(chunk):
             value, where = _clean_slice(clean_run.cache[site, layer], over, i)
+            if prefix is not None:
+                where = {"pos": i - start}
             edits.append(patch((site, layer), value, rows=slice(c * n_rows, (c + 1) * n_rows), **where))
-        logits = _forward_last(model, {k: v.repeat(len(chunk), 1) for k, v in enc_corrupt.items()}, edits)
-        scores += [_score(metric, part) for part in logits.split(n_rows)]
-    return torch.tensor(scores).view(len(layers), -1)
+        past = None if prefix is None or start == 0 else _repeated_prefix(prefix, start, len(chunk))
+        logits = _forward_last(model, {k: v.repeat(len(chunk), 1) for k, v in enc_corrupt.items()}, edits,
+                               past=past, start=start)
+        for (t, _, _), part in zip(chunk, logits.split(n_rows)):
+            scores[t] = _score(metric, part)
+    return scores.view(len(layers), -1)
+
+
+def _corrupted_prefix(model: Model, enc: dict) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every layer's keys and values ``[batch, kv_heads, pos, d_head]`` in the corrupted run,
+    or None when the model does not keep a plain key/value cache (then every patched copy
+    is computed from position 0)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    inputs = model.forward_inputs(enc)
+    with torch.no_grad():
+        try:
+            out = model.hf(**inputs, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
+        except (TypeError, ValueError):
+            return None
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    n = inputs["input_ids"].shape[1]
+    if (not isinstance(cache, DynamicCache) or not layers or len(layers) != model.n_layers
+            or any(type(layer) is not DynamicLayer or layer.keys.shape[-2] != n for layer in layers)):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _repeated_prefix(prefix, length: int, copies: int):
+    """A fresh cache holding the first ``length`` positions of ``prefix``, repeated for
+    ``copies`` copies of the batch (copy-major, like ``Tensor.repeat``)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache([(k[:, :, :length].repeat(copies, 1, 1, 1), v[:, :, :length].repeat(copies, 1, 1, 1))
+                         for k, v in prefix])
 
 
 def sweep_naive(model: Model, clean: Prompts, corrupt: Prompts, site: str, metric: Metric, *,
@@ -169,10 +216,15 @@ def sweep_naive(model: Model, clean: Prompts, corrupt: Prompts, site: str, metri
     return torch.tensor(scores).view(len(layers), -1)
 
 
-def _forward_last(model: Model, enc: dict, edits: list) -> torch.Tensor:
+def _forward_last(model: Model, enc: dict, edits: list, *, past=None, start: int = 0) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of one edited forward pass (the unembedding
-    is applied to the last position only)."""
+    is applied to the last position only). With ``past``, a key/value cache of the first
+    ``start`` positions, only the positions from ``start`` on are computed."""
     inputs = model.forward_inputs(enc)
-    with torch.no_grad(), model.trace(edits=edits, attention_mask=inputs["attention_mask"]):
-        logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits
+    mask = inputs["attention_mask"]
+    if past is not None:
+        inputs = {"input_ids": inputs["input_ids"][:, start:], "attention_mask": mask,
+                  "position_ids": inputs["position_ids"][:, start:], "past_key_values": past}
+    with torch.no_grad(), model.trace(edits=edits, attention_mask=mask):
+        logits = model.hf(**inputs, use_cache=past is not None, logits_to_keep=1).logits
     return logits[:, -1]
