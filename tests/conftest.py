@@ -52,7 +52,7 @@ def book_env(cache: Path, *, offline: bool = False, pythonpath: Path | None = No
     return env
 
 
-def sphinx_build(src: Path, out: Path, env: dict, *, timeout: float = 1800) -> Build:
+def sphinx_build(src: Path, out: Path, env: dict, *, timeout: float = 3600) -> Build:
     """Build ``src`` into ``out`` strictly (-W --keep-going -n); fail the test with the log."""
     import time
 
