@@ -250,7 +250,10 @@ class Anatomy:
 
     def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits from the final norm's output, as the model's head computes them."""
-        logits = self.hf.get_output_embeddings()(normed)
+        return self.softcap(self.hf.get_output_embeddings()(normed))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-capping (``cap * tanh(logits / cap)``; Gemma), if any."""
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

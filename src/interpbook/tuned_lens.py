@@ -181,8 +181,7 @@ def _logits_on(model: Model, normed: torch.Tensor, ids: torch.Tensor) -> torch.T
     logits = normed @ model.anatomy.W_U[:, ids]
     if model.anatomy.b_U is not None:
         logits = logits + model.anatomy.b_U[ids]
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return model.anatomy.softcap(logits)
 
 
 @torch.no_grad()
