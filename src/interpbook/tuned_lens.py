@@ -31,20 +31,15 @@ atomically (a temporary file renamed into place).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import re
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import cached, tensor_digest
 from .corpus import pack, pydoc_passages
 from .lm import Model, Prompts
-from .models import cache_dir
 
 __all__ = [
     "TunedLensConfig", "TunedLens", "pydoc_windows", "collect_states", "train_tuned_lens",
@@ -288,11 +283,9 @@ def train_tuned_lens(model: Model, windows: torch.Tensor, config: TunedLensConfi
     return lens
 
 
-def _cache_key(model: Model, windows: torch.Tensor, config: TunedLensConfig) -> str:
-    corpus = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    spec = {"model": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-            "config": dataclasses.asdict(config), "corpus": corpus, "format": 2}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def _cache_spec(model: Model, windows: torch.Tensor, config: TunedLensConfig) -> dict:
+    return {"model": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+            "config": dataclasses.asdict(config), "corpus": tensor_digest(windows.to(torch.int64)), "format": 3}
 
 
 def fit_tuned_lens(model: Model, windows: torch.Tensor, config: TunedLensConfig = TunedLensConfig(),
@@ -300,28 +293,18 @@ def fit_tuned_lens(model: Model, windows: torch.Tensor, config: TunedLensConfig 
     """A tuned lens for ``model`` trained on ``windows``, from the cache when it is there.
 
     The file ``$INTERPBOOK_CACHE/tuned-lens/<model>-<key>.pt`` is keyed on the model's
-    name and shape, every field of ``config`` and a digest of the training tokens; it is
-    written to a temporary file and renamed, so a reader never sees half a file.
+    name and shape, every field of ``config`` and a digest of the training tokens (see
+    :func:`interpbook.artifacts.cached`: locked, written atomically, digest-checked).
     """
-    folder = cache_dir() / "tuned-lens"
-    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model.name)}-{_cache_key(model, windows, config)}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        lens = TunedLens(model.n_layers, model.d_model)
-        lens.load_state_dict(saved["state"])
-        lens.requires_grad_(False)
-        lens.train_vocab = saved["train_vocab"]
-        return lens
-    lens = train_tuned_lens(model, windows, config, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state": lens.state_dict(), "train_vocab": lens.train_vocab}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    def train() -> dict:
+        trained = train_tuned_lens(model, windows, config, progress=progress)
+        return {"state": trained.state_dict(), "train_vocab": trained.train_vocab}
+
+    saved = cached("tuned-lens", model.name, _cache_spec(model, windows, config), train)
+    lens = TunedLens(model.n_layers, model.d_model)
+    lens.load_state_dict(saved["state"])
+    lens.requires_grad_(False)
+    lens.train_vocab = saved["train_vocab"]
     return lens
 
 
