@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "PYDOC_SOURCE", "PYDOC_LICENSE", "Passage", "pydoc_passages", "pack",
+    "docstring_passages", "package_source",
     "CONCEPTS", "TEMPLATES", "concept_sentences", "concept_batch",
 ]
 
@@ -129,6 +130,81 @@ def pack(encode: Callable[[str], Sequence[int]], texts: Iterable[str], seq_len: 
         raise ValueError(f"the texts have {len(ids)} tokens, fewer than one window of {body}")
     windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), windows], 1)
+
+
+# --- docstrings of installed packages ---------------------------------------------------
+def package_source(package: str) -> str:
+    """Where :func:`docstring_passages` text comes from: the distribution, its version and
+    its licence as its installed metadata declares it (``License-Expression``, ``License``
+    or a ``License ::`` classifier)."""
+    from importlib import metadata
+
+    dists = metadata.packages_distributions().get(package) or [package]
+    meta = metadata.metadata(dists[0])
+    licence = meta.get("License-Expression") or (meta.get("License") or "").strip().splitlines()
+    licence = licence if isinstance(licence, str) else (licence[0] if licence else "")
+    if not licence or len(licence) > 80:
+        classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+        licence = ", ".join(classifiers) or licence[:80] or "licence not declared in its metadata"
+    return f"{meta['Name']} {meta['Version']} ({licence})"
+
+
+def _docstrings(tree) -> Iterable[tuple[str, str]]:
+    """(qualified name, docstring) of a module and its classes and functions, in source order."""
+    import ast
+
+    stack = [("", tree)]
+    while stack:
+        prefix, node = stack.pop(0)
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield prefix or "<module>", doc
+        children = [n for n in ast.iter_child_nodes(node)
+                    if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        stack[:0] = [(f"{prefix}.{n.name}".lstrip("."), n) for n in children]
+
+
+def _package_passages(package: str, min_words: int) -> Iterable[Passage]:
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not (spec.submodule_search_locations or spec.origin):
+        raise ValueError(f"Package {package!r} is not installed here; pick one that is.")
+    roots = [Path(p) for p in spec.submodule_search_locations or []] or [Path(spec.origin)]
+    for path in sorted(f for r in roots for f in ([r] if r.is_file() else r.rglob("*.py"))):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        module = ".".join(path.relative_to(roots[0].parent).with_suffix("").parts)
+        for name, doc in _docstrings(tree):
+            for paragraph in clean_topic(doc, min_words=min_words):
+                yield Passage(f"{module}:{name}", paragraph)
+
+
+def docstring_passages(packages: Sequence[str] = ("transformers", "torch"), *, min_words: int = 12,
+                       max_words: int | None = None) -> list[Passage]:
+    """Prose paragraphs of the docstrings of installed ``packages``, read with ``ast``
+    (nothing is imported or executed).
+
+    Files are visited in sorted path order, and each file's docstrings in source order, so
+    the result is deterministic for given package versions. Paragraphs are cleaned like the
+    pydoc topics (:func:`clean_topic`: indented blocks such as parameter descriptions and
+    examples, section headings and short fragments are dropped). ``topic`` is
+    ``module:qualified.name``. Takes at most about ``max_words`` words from each package.
+    Record the text's origin with :func:`package_source`.
+    """
+    out: list[Passage] = []
+    for package in packages:
+        words = 0
+        for passage in _package_passages(package, min_words):
+            if max_words is not None and words >= max_words:
+                break
+            out.append(passage)
+            words += len(passage.text.split())
+    return out
 
 
 # --- labelled concept sentences ------------------------------------------------------------
