@@ -136,3 +136,25 @@ def test_hierarchy_cosine():
         w.check_hierarchy_cosine(lambda g, p, c: -right(g, p, c), g, parent, child)
     with pytest.raises(CheckFailed, match="difference"):
         w.check_hierarchy_cosine(lambda g, p, c: cos(g[p].mean(0), g[c].mean(0), dim=0), g, parent, child)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_geometry_checks_on_a_tiny_model(family):
+    """The exercise-3 pipeline on a tiny random model's unembedding: the reference passes, a
+    sign flip and a skipped whitening fail."""
+    from tiny_models import tiny_model
+
+    model = tiny_model(family)
+    gamma = model.anatomy.W_U.detach().float().T
+    g = w._reference_causal_whiten(gamma)
+    assert torch.allclose(g.T @ g / len(g), torch.eye(g.shape[1]), atol=1e-3)
+    parent, child = list(range(0, 40)), list(range(0, 12))
+
+    def right(g, p, c):
+        return torch.nn.functional.cosine_similarity(g[p].mean(0), g[c].mean(0) - g[p].mean(0), dim=0)
+
+    w.check_hierarchy_cosine(right, g, parent, child)
+    with pytest.raises(CheckFailed, match="sign"):
+        w.check_hierarchy_cosine(lambda g, p, c: -right(g, p, c), g, parent, child)
+    with pytest.raises(CheckFailed, match="expected"):  # the raw unembedding instead of the whitened one
+        w.check_hierarchy_cosine(lambda g_, p, c: right(gamma, p, c), g, parent, child)
