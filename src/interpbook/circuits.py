@@ -10,7 +10,8 @@ model the anatomy supports:
   different names), which keeps every token position and removes the IOI structure.
   :func:`single_token_names` keeps the names that are one token (with their leading space)
   for the model's tokenizer.
-* **Metric.** :meth:`IOIDataset.metric` is the mean logit difference IO minus S.
+* **Metric.** :meth:`IOIDataset.metric` is the mean logit difference IO minus S of a
+  batch of logits, :func:`logit_diffs` each prompt's on the model.
 * **Paths.** :func:`direct_effects` path-patches every head's ABC output straight into the
   logits (all else frozen), :func:`path_patch` patches chosen *sender* heads' ABC outputs
   into chosen *receiver* heads' queries, keys or values only.
@@ -38,7 +39,7 @@ from .tracing import edit, patch
 
 __all__ = [
     "NAMES", "PLACES", "OBJECTS", "TEMPLATES", "IOIDataset", "single_token_words", "single_token_names",
-    "ioi_dataset", "attention_to", "direct_effects", "path_patch", "template_means", "ablate_except",
+    "ioi_dataset", "logit_diffs", "attention_to", "direct_effects", "path_patch", "template_means", "ablate_except",
     "circuit_logit_diffs", "faithfulness", "copy_scores",
 ]
 
@@ -290,8 +291,15 @@ def _last_logits(model: Model, prompts, edits=()) -> torch.Tensor:
         return model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
 
 
+def logit_diffs(model: Model, ds: IOIDataset, *, corrupted: bool = False) -> torch.Tensor:
+    """Each prompt's IO minus S logit difference ``[n]``, on the clean prompts or (with
+    ``corrupted``) on their ABC versions (still IO minus S of the clean prompt)."""
+    logits = _last_logits(model, ds.corrupt if corrupted else ds.prompts)
+    return logit_diff(logits, ds.answers, ds.wrong)
+
+
 def _mean_clean(model: Model, ds: IOIDataset) -> float:
-    return float(ds.metric(_last_logits(model, ds.prompts)))
+    return float(logit_diffs(model, ds).mean())
 
 
 def path_patch(model: Model, ds: IOIDataset, senders: Sequence[Head], receivers: Sequence[Head], *,
