@@ -167,3 +167,16 @@ def test_evaluate_and_loss_recovered_on_identity():
         assert abs(ce["spliced"] - ce["clean"]) < 1e-4
         assert abs(ce["recovered (zero)"] - 1) < 1e-3
         assert ("recovered (mean)" in ce) == (mean is not None)
+
+
+def test_docstring_passages_are_deterministic_prose_with_a_source():
+    from interpbook.corpus import docstring_passages, package_source
+
+    first = docstring_passages(("json",), max_words=300)
+    assert first == docstring_passages(("json",), max_words=300)
+    assert first and all(p.topic.startswith("json") and ":" in p.topic for p in first)
+    assert all(len(p.text.split()) >= 12 and ">>>" not in p.text for p in first)
+    assert sum(len(p.text.split()) for p in first) < 300 + max(len(p.text.split()) for p in first)
+    assert "torch" in package_source("torch")
+    with pytest.raises(ValueError, match="not installed"):
+        docstring_passages(("no_such_package_here",))
