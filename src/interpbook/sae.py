@@ -122,7 +122,7 @@ class SAEConfig:
     expansion: int = 4           # d_sae = expansion * d_in
     activation: str = "topk"
     k: int | None = 32
-    l1_coeff: float = 0.0        # ReLU SAEs: weight of mean |z|_1 (inputs scaled to norm sqrt(d_in))
+    l1_coeff: float = 0.0        # ReLU SAEs: lambda in |x - x_hat|^2 + lambda |z|_1 (inputs at norm sqrt(d_in))
     lr: float = 1e-3
     steps: int = 300
     batch_size: int = 512
@@ -176,7 +176,7 @@ def train_sae(inputs: torch.Tensor, config: SAEConfig = SAEConfig(), targets: to
             z = sae.encode(x)
             y_hat, l0, sparsity = sae.decode(z), float((z > 0).sum(-1).float().mean().detach()), z.sum(-1).mean()
         err = (y_hat - y).pow(2).sum(-1).mean()
-        loss = err / y.shape[1] + config.l1_coeff * sparsity
+        loss = (err + config.l1_coeff * sparsity) / y.shape[1]
         opt.zero_grad()
         loss.backward()
         opt.step()
