@@ -45,7 +45,7 @@ __all__ = [
 
 Head = tuple[int, int]
 
-#: First names (common English given names); :func:`single_token_names` filters them per model.
+#: Common English first names, filtered per model by :func:`single_token_names`.
 NAMES = (
     "Mary John Alice Bob Sarah James Anna David Emma Michael Laura Daniel Kate Paul Lisa Mark Susan Peter "
     "Linda Tom Helen George Julia Frank Rachel Steve Karen Chris Amy Kevin Emily Jack Jessica Ryan Grace "
@@ -56,8 +56,9 @@ NAMES = (
 PLACES = "store park school office garden station hospital restaurant market beach house church library".split()
 #: Objects for the templates' ``{object}`` slot.
 OBJECTS = "drink book ring bone kiss basketball computer necklace apple pen ball snack bag gift".split()
-#: Templates in the BABA order: ``{io}`` is the indirect object, ``{s}`` the subject, who
-#: is named twice. :func:`ioi_dataset` also builds the ABBA order by swapping the first two.
+#: Prompt templates in the BABA order, with ``{io}`` the indirect object and ``{s}`` the
+#: subject, who is named twice; :func:`ioi_dataset` also builds the ABBA order by swapping
+#: the first two names.
 TEMPLATES = (
     "Then, {s} and {io} went to the {place}. {s} gave a {object} to",
     "Then, {s} and {io} had a lot of fun at the {place}. {s} gave a {object} to",
