@@ -86,7 +86,7 @@ def _encode(obj: Any) -> bytes:
 
 
 def _decode(blob: bytes) -> Any:
-    """The object saved by :func:`_encode`; ``ValueError`` when the bytes do not check out."""
+    """The object saved by ``_encode``; ``ValueError`` when the bytes do not check out."""
     head, sep, body = blob.partition(b"\n")
     if not sep or not head.startswith(_MAGIC):
         raise ValueError("it has no digest header")

@@ -191,7 +191,7 @@ def docstring_passages(packages: Sequence[str] = ("transformers", "torch"), *, m
 
     Files are visited in sorted path order, and each file's docstrings in source order, so
     the result is deterministic for given package versions. Paragraphs are cleaned like the
-    pydoc topics (:func:`clean_topic`: indented blocks such as parameter descriptions and
+    pydoc topics (``clean_topic``: indented blocks such as parameter descriptions and
     examples, section headings and short fragments are dropped). ``topic`` is
     ``module:qualified.name``. Takes at most about ``max_words`` words from each package.
     Record the text's origin with :func:`package_source`.
