@@ -1,23 +1,26 @@
 """Batched activation-patching sweep vs the one-forward-per-patch loop, on the real model.
 
-Two sweeps on IOI-style prompt pairs (the corrupted prompt repeats the other name, so the
-answer flips and both prompts have the same tokens count): ``resid_pre`` over
-``(layer, position)`` and ``attn_z`` over ``(layer, head)``. Each is run by
-``interpbook.patching.sweep`` (many patched copies of the corrupted batch in one forward pass,
-``rows=`` edits; over positions only the positions from the patched one on are computed,
-on the corrupted run's key/value cache) and by ``interpbook.patching.sweep_naive`` (one forward pass per patch, the
-same last-position unembedding), and the two result grids are compared (max |diff|).
-Reported: wall and process-CPU seconds of each, and their ratios (CPU ratios are the least
-disturbed when other processes share the cores).
+Two sweeps on IOI-style prompt pairs: ``resid_pre`` over ``(layer, position)`` and
+``attn_z`` over ``(layer, head)``. The corruption is ``s2`` (the corrupted prompt repeats the
+other name at S2, so the answer flips and the pair shares every token before S2) or ``abc``
+(all three names replaced by other names, so the pair differs from the first name on). Each
+sweep is run by ``interpbook.patching.sweep`` (many patched copies of the corrupted batch in one
+forward pass, ``rows=`` edits; each copy starts at its patched layer and at the first position
+its patch changes, from the corrupted run's residual stream and key/value cache) and by
+``interpbook.patching.sweep_naive`` (one forward pass per patch, the same last-position
+unembedding), and the two result grids are compared (max |diff|). Reported: wall and
+process-CPU seconds of each (medians over ``--rounds``, the two alternating in order), and
+their ratios (CPU ratios are the least disturbed when other processes share the cores).
 
-Usage: ``python bench/patching.py [--prompts 4] [--layer-step 1] [--batch-size 64] [--threads N]
-[--sweeps resid_pre:pos attn_z:head]``
+Usage: ``python bench/patching.py [--model NAME] [--prompts 8] [--layer-step 1] [--rounds 1]
+[--corruption s2] [--batch-size 64] [--threads N] [--sweeps resid_pre:pos attn_z:head]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import platform
 import time
 from datetime import datetime, timezone
@@ -34,14 +37,18 @@ NAMES = [" Mary", " John", " Tom", " James", " Anna", " David", " Sarah", " Paul
 TEMPLATE = "When{a} and{b} went to the store,{s} gave a drink to"
 
 
-def ioi_pairs(model, n: int):
+def ioi_pairs(model, n: int, corruption: str = "s2"):
     """``n`` clean/corrupted prompt pairs with single-token names, and the answer ids."""
     names = [x for x in NAMES if len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) == 1]
     clean, corrupt, right, wrong = [], [], [], []
     for i in range(n):
         a, b = names[(2 * i) % len(names)], names[(2 * i + 1) % len(names)]
         clean.append(TEMPLATE.format(a=a, b=b, s=b))
-        corrupt.append(TEMPLATE.format(a=a, b=b, s=a))
+        if corruption == "s2":
+            corrupt.append(TEMPLATE.format(a=a, b=b, s=a))
+        else:
+            c, d = names[(2 * i + 2) % len(names)], names[(2 * i + 3) % len(names)]
+            corrupt.append(TEMPLATE.format(a=c, b=d, s=c))
         right.append(model.token_id(a))
         wrong.append(model.token_id(b))
     return clean, corrupt, right, wrong
@@ -55,7 +62,10 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--model", default=None, help="model name (default: INTERPBOOK_MODEL or smollm2-135m)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds (medians are reported)")
+    parser.add_argument("--corruption", choices=["s2", "abc"], default="s2")
     parser.add_argument("--layer-step", type=int, default=1, help="sweep every n-th layer (1: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batched forward pass")
     parser.add_argument("--threads", type=int, default=None)
@@ -65,8 +75,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = ib.load_model()
-    clean, corrupt, right, wrong = ioi_pairs(model, args.prompts)
+    model = ib.load_model(args.model)
+    clean, corrupt, right, wrong = ioi_pairs(model, args.prompts, args.corruption)
     n_tokens = model.tokenize(clean)["input_ids"].shape[1]
 
     def metric(logits):
@@ -76,16 +86,26 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f}")
-    print(f"{model.name}: {args.prompts} prompt pairs x {n_tokens} tokens, {len(layers)} layers, "
-          f"batch size {args.batch_size} rows\n")
+    print(f"{model.name}: {args.prompts} prompt pairs x {n_tokens} tokens ({args.corruption} corruption), "
+          f"{len(layers)} layers, batch size {args.batch_size} rows, {args.rounds} round(s)\n")
     print("| sweep | patches | naive s (wall / CPU) | batched s (wall / CPU) | speed-up wall | speed-up CPU | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for site, over in (s.split(":") for s in args.sweeps):
         common = dict(over=over, layers=layers)
         patching.sweep(model, clean, corrupt, site, metric, layers=layers[:1], over=over)  # warm-up
-        fast, fw, fc = timed(lambda: patching.sweep(model, clean, corrupt, site, metric,
-                                                    batch_size=args.batch_size, **common))
-        slow, sw, sc = timed(lambda: patching.sweep_naive(model, clean, corrupt, site, metric, **common))
+        times = {"fast": [], "slow": []}
+        runs = {"fast": lambda: patching.sweep(model, clean, corrupt, site, metric, batch_size=args.batch_size,
+                                               **common),
+                "slow": lambda: patching.sweep_naive(model, clean, corrupt, site, metric, **common)}
+        for r in range(args.rounds):
+            for name in (["fast", "slow"] if r % 2 == 0 else ["slow", "fast"]):
+                out, wall, cpu = timed(runs[name])
+                times[name].append((wall, cpu))
+                if name == "fast":
+                    fast = out
+                else:
+                    slow = out
+        (fw, fc), (sw, sc) = ([statistics.median(x) for x in zip(*times[k])] for k in ("fast", "slow"))
         diff = float((fast - slow).abs().max())
         print(f"| {site} x {over} | {fast.numel()} | {sw:.1f} / {sc:.1f} | {fw:.1f} / {fc:.1f} | "
               f"{sw / fw:.1f}x | {sc / fc:.1f}x | {diff:.1e} |", flush=True)

@@ -19,9 +19,22 @@ def _metric(logits):
 SWEEPS = [("resid_pre", "pos"), ("attn_z", "head"), ("mlp_out", "pos"), ("k", "head"), ("attn_z", "pos")]
 
 
+def _shared_prefix_pair():
+    """A clean/corrupted pair that shares its first three tokens and differs at one or two
+    later positions per row (like an IOI pair that swaps one name)."""
+    clean = random_ids(seed=1)
+    corrupt = clean.clone()
+    corrupt[0, 3], corrupt[0, 5], corrupt[1, 4] = 7, 11, 9
+    return clean, corrupt
+
+
+PAIRS = {"all tokens differ": lambda: (random_ids(seed=1), random_ids(seed=2)), "shared prefix": _shared_prefix_pair}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
 @pytest.mark.parametrize("site,over", SWEEPS)
-def test_batched_sweep_equals_the_naive_loop(model, site, over):
-    clean, corrupt = random_ids(seed=1), random_ids(seed=2)
+def test_batched_sweep_equals_the_naive_loop(model, site, over, pair):
+    clean, corrupt = PAIRS[pair]()
     # batch_size 5 with 2 rows: 2 copies per forward, and a last chunk with one copy
     fast = patching.sweep(model, clean, corrupt, site, _metric, over=over, batch_size=5)
     slow = patching.sweep_naive(model, clean, corrupt, site, _metric, over=over)
@@ -30,18 +43,77 @@ def test_batched_sweep_equals_the_naive_loop(model, site, over):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
-def test_position_sweeps_reuse_the_corrupted_prefix(model, monkeypatch):
-    """Every family keeps a plain key/value cache, so position sweeps compute only the
-    positions from the patched one on (the equality test above checks that path); without
-    a cache the sweep computes whole copies and still equals the naive loop."""
-    corrupt = random_ids(seed=2)
-    keys, values = patching._corrupted_prefix(model, model.tokenize(corrupt))[0]
-    assert keys.shape[0] == 2 and keys.shape[-2] == 7 and values.shape == keys.shape
-    monkeypatch.setattr(patching, "_corrupted_prefix", lambda *args: None)
-    clean = random_ids(seed=1)
-    fast = patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=5)
-    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, "resid_pre", _metric),
+@pytest.mark.parametrize("site,over", [("resid_pre", "pos"), ("attn_z", "head")])
+def test_sweep_over_a_subset_of_layers(model, site, over):
+    clean, corrupt = _shared_prefix_pair()
+    layers = [-1, 1]
+    fast = patching.sweep(model, clean, corrupt, site, _metric, over=over, layers=layers, batch_size=8)
+    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, site, _metric, over=over,
+                                                          layers=layers), atol=1e-5, rtol=1e-5)
+
+
+def _packed_passes(monkeypatch):
+    """Record (first position, first layer, copies) of every patched forward pass of a sweep
+    (not the unedited pass that checks that the model can start at its last layer)."""
+    passes, forward = [], patching._forward_packed
+
+    def spy(model, enc, base, edits, copies, *, start=0, first_layer=0):
+        if edits:
+            passes.append((start, first_layer, copies))
+        return forward(model, enc, base, edits, copies, start=start, first_layer=first_layer)
+
+    monkeypatch.setattr(patching, "_forward_packed", spy)
+    return passes
+
+
+def test_copies_compute_only_what_the_patch_changes(model, monkeypatch):
+    """On a pair that shares its first three tokens: a head patch starts at position 3 and
+    at its layer; a position patch starts at its position and layer; resid_pre patches at
+    layer 0 of a shared token write the corrupted value, so they need no pass at all."""
+    clean, corrupt = _shared_prefix_pair()
+    passes = _packed_passes(monkeypatch)
+    patching.sweep(model, clean, corrupt, "attn_z", _metric, over="head", batch_size=2 * model.n_heads)
+    assert passes == [(3, layer, model.n_heads) for layer in range(model.n_layers)]
+    passes.clear()
+    patching.sweep(model, clean, corrupt, "resid_pre", _metric, layers=[0], batch_size=2)
+    assert passes == [(3, 0, 1), (4, 0, 1), (5, 0, 1)]  # the positions where a token differs
+    passes.clear()
+    patching.sweep(model, clean, corrupt, "resid_pre", _metric, layers=[1, 2], batch_size=4)
+    assert passes == [(p, 1, 2) for p in range(3, 7)]
+
+
+def test_sweep_without_a_key_value_cache_or_layer_skipping(model, monkeypatch):
+    """A model without a plain key/value cache computes copies from position 0; one whose
+    decoder layers cannot be swapped out is warned about and runs every layer. Both still
+    equal the naive loop."""
+    clean, corrupt = _shared_prefix_pair()
+    slow = patching.sweep_naive(model, clean, corrupt, "resid_pre", _metric)
+    record = patching._corrupted_run
+    monkeypatch.setattr(patching, "_corrupted_run", lambda *args: record(*args)._replace(prefix=None))
+    passes = _packed_passes(monkeypatch)
+    torch.testing.assert_close(patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=4), slow,
                                atol=1e-5, rtol=1e-5)
+    assert {start for start, _, _ in passes} == {0} and max(layer for _, layer, _ in passes) > 0
+    passes.clear()
+    # a stand-in that hands on the wrong residual stream (positions reversed)
+    monkeypatch.setattr(patching._Resume, "forward", lambda self, hidden_states, *a, **k: self.resid.flip(1))
+    with pytest.warns(UserWarning, match="cannot start a forward pass at a middle layer .the logits differ"):
+        fast = patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=4)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert {layer for _, layer, _ in passes} == {0}
+
+
+def test_the_corrupted_run_keeps_every_layers_keys_and_values(model):
+    """Every family keeps a plain key/value cache (so copies can skip the shared positions),
+    and the swapped-out layers are put back after a sweep."""
+    corrupt = random_ids(seed=2)
+    base = patching._corrupted_run(model, model.tokenize(corrupt), "resid_pre", [0])
+    assert base.prefix is not None and len(base.prefix) == model.n_layers
+    keys, values = base.prefix[0]
+    assert keys.shape[0] == 2 and keys.shape[-2] == 7 and values.shape == keys.shape
+    blocks = list(model.anatomy.layers())
+    patching.sweep(model, random_ids(seed=1), corrupt, "resid_pre", _metric, layers=[-1])
+    assert list(model.anatomy.layers()) == blocks
 
 
 def test_sweep_end_points(model):
@@ -56,16 +128,18 @@ def test_sweep_end_points(model):
     assert effect[0, :-1].tolist() == pytest.approx([corrupt_score] * 6, abs=1e-4)
 
 
-def test_sweep_with_padding_shared_by_both_runs():
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("site,over", [("resid_pre", "pos"), ("attn_z", "head")])
+def test_sweep_with_padding_shared_by_both_runs(model, site, over, pair):
     """Padded batches are fine when clean and corrupt share the attention mask (the reused
     prefix of a padded row starts with padding)."""
-    model = tiny_model("llama")
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0
-    clean = {"input_ids": random_ids(seed=1), "attention_mask": mask}
-    corrupt = {"input_ids": random_ids(seed=2), "attention_mask": mask}
-    fast = patching.sweep(model, clean, corrupt, "resid_pre", _metric, batch_size=4)
-    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, "resid_pre", _metric),
+    ids_clean, ids_corrupt = PAIRS[pair]()
+    clean = {"input_ids": ids_clean, "attention_mask": mask}
+    corrupt = {"input_ids": ids_corrupt, "attention_mask": mask}
+    fast = patching.sweep(model, clean, corrupt, site, _metric, over=over, batch_size=4)
+    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, site, _metric, over=over),
                                atol=1e-5, rtol=1e-5)
 
 

@@ -6,9 +6,11 @@ moves back towards the clean answer measures how much that activation carries th
 difference (Meng et al. 2022; Wang et al. 2023; Heimersheim & Nanda 2024 on good practice).
 
 A sweep patches every ``(layer, position)`` or ``(layer, head)`` in turn. One forward pass
-per patch is slow, so :func:`sweep` packs many patched runs into one forward: it repeats the
-corrupted batch, and each copy is patched at a different place (an edit with ``rows=``).
-The result equals the one-forward-per-patch loop (tested to 1e-5)::
+per patch is slow, so :func:`sweep` packs many patched runs into one forward (it repeats the
+corrupted batch, and each copy is patched at a different place: an edit with ``rows=``), and
+each copy computes only what its patch can change: the layers from the patched one on, the
+positions from the first one the patch changes on (the rest is the corrupted run's, cached
+once). The result equals the one-forward-per-patch loop (tested to 1e-5)::
 
     metric = lambda logits: patching.logit_diff(logits, answers, wrong).mean()
     effect = patching.sweep(model, clean, corrupt, "resid_pre", metric)   # [layer, pos]
@@ -16,9 +18,13 @@ The result equals the one-forward-per-patch loop (tested to 1e-5)::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .anatomy import HEAD_SITES, LAYERLESS_SITES, check_site
 from .lm import Model, Prompts
@@ -112,13 +118,6 @@ def _check_request(model: Model, site: str, layers) -> list[int]:
     return [layer % model.n_layers for layer in layers]
 
 
-def _clean_slice(clean_value: torch.Tensor, over: str, i: int) -> tuple[torch.Tensor, dict]:
-    """The clean activation at one position or head, and the edit's keyword for it."""
-    if over == "pos":
-        return clean_value[:, i], {"pos": i}
-    return clean_value[:, :, i], {"head": i}
-
-
 def sweep(model: Model, clean: Prompts, corrupt: Prompts, site: str, metric: Metric, *,
           over: str = "pos", layers: Sequence[int] | None = None, batch_size: int = 64,
           progress: bool = False) -> torch.Tensor:
@@ -131,64 +130,129 @@ def sweep(model: Model, clean: Prompts, corrupt: Prompts, site: str, metric: Met
     corrupted inputs must have the same shape and attention mask. ``batch_size`` bounds the
     rows of one forward pass: ``batch_size // batch`` patched copies go in each.
 
-    Over positions, a patch at position ``p`` leaves positions before ``p`` as in the
-    corrupted run, so the patched copies reuse the corrupted run's key/value cache for that
-    prefix and compute only the positions from ``p`` on (about half the arithmetic)."""
+    A patched copy equals the corrupted run wherever the patch has not reached yet, so each
+    copy computes only what it changes (same numbers as one forward per patch, to 1e-5):
+
+    * layers below the patched one are not run: the copy starts from the corrupted run's
+      residual stream entering that layer;
+    * positions before the first one where the patched value differs from the corrupted
+      one are not run either: the copy reuses the corrupted run's key/value cache for them
+      (a clean/corrupted pair that shares its first tokens shares their activations);
+    * a patch that writes exactly the corrupted value (e.g. at a shared token) gets the
+      corrupted score without a forward pass."""
     layers = _check_request(model, site, layers)
     enc_clean, enc_corrupt = _encode_pair(model, clean, corrupt)
-    n_rows, n_pos = enc_corrupt["input_ids"].shape
-    targets = patch_targets(model, site, over, n_pos, layers)
+    n_rows = enc_corrupt["input_ids"].shape[0]
+    targets = patch_targets(model, site, over, enc_corrupt["input_ids"].shape[1], layers)
     with torch.no_grad():
         clean_run = model.run(enc_clean, cache=[(site, layer) for layer in layers])
-    prefix = _corrupted_prefix(model, enc_corrupt) if over == "pos" else None
-    # packed forwards: (first position computed, [(target index, layer, pos or head)])
+    base = _corrupted_run(model, enc_corrupt, site, layers)
+    base_score = _score(metric, base.logits)
+    resumable = _resumes_exactly(model, enc_corrupt, base)
+    scores = torch.full((len(targets),), base_score)
+    # packed forwards: (first position computed, first layer run, [(target, layer, pos or head)])
+    pending = []
+    for t, (layer, i) in enumerate(targets):
+        start = _first_change(clean_run.cache[site, layer], base.sites[layer], over, i)
+        if start is not None:
+            pending.append((start if base.prefix is not None else 0, layer, t, i))
+    pending.sort()
     copies = max(1, batch_size // n_rows)
-    if prefix is None:
-        indexed = [(t, layer, i) for t, (layer, i) in enumerate(targets)]
-        chunks = [(0, indexed[s:s + copies]) for s in range(0, len(indexed), copies)]
-    else:
-        chunks = []
-        for p in range(n_pos):
-            at_p = [(t, layer, i) for t, (layer, i) in enumerate(targets) if i == p]
-            chunks += [(p, at_p[s:s + copies]) for s in range(0, len(at_p), copies)]
+    chunks = []
+    for start in sorted({s for s, *_ in pending}):
+        same = [(t, layer, i) for s, layer, t, i in pending if s == start]
+        chunks += [(start, same[k][1] if resumable else 0, same[k:k + copies]) for k in range(0, len(same), copies)]
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"patching {site}")
-    scores = torch.empty(len(targets))
-    for start, chunk in chunks:
+    for start, first_layer, chunk in chunks:
         edits = []
         for c, (_, layer, i) in enumerate(chunk):
-            value, where = _clean_slice(clean_run.cache[site, layer], over, i)
-            if prefix is not None:
-                where = {"pos": i - start}
+            value, where = _clean_slice(clean_run.cache[site, layer], over, i, start)
             edits.append(patch((site, layer), value, rows=slice(c * n_rows, (c + 1) * n_rows), **where))
-        past = None if prefix is None or start == 0 else _repeated_prefix(prefix, start, len(chunk))
-        logits = _forward_last(model, {k: v.repeat(len(chunk), 1) for k, v in enc_corrupt.items()}, edits,
-                               past=past, start=start)
+        logits = _forward_packed(model, enc_corrupt, base, edits, len(chunk), start=start, first_layer=first_layer)
         for (t, _, _), part in zip(chunk, logits.split(n_rows)):
             scores[t] = _score(metric, part)
     return scores.view(len(layers), -1)
 
 
-def _corrupted_prefix(model: Model, enc: dict) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Every layer's keys and values ``[batch, kv_heads, pos, d_head]`` in the corrupted run,
-    or None when the model does not keep a plain key/value cache (then every patched copy
-    is computed from position 0)."""
+class _Corrupted(NamedTuple):
+    """What the patched copies start from: the corrupted run's ``resid_pre`` at every layer,
+    the swept site at each swept layer, its key/value cache (None when the model keeps no
+    plain one) and its last-position logits."""
+
+    resid: list[torch.Tensor]
+    sites: dict[int, torch.Tensor]
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None
+    logits: torch.Tensor
+
+
+def _corrupted_run(model: Model, enc: dict, site: str, layers: list[int]) -> _Corrupted:
+    """One forward pass of the corrupted batch that records what :class:`_Corrupted` holds."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     inputs = model.forward_inputs(enc)
+    record = [("resid_pre", layer) for layer in range(model.n_layers)] + [(site, layer) for layer in layers]
+    prefix = None
     with torch.no_grad():
         try:
-            out = model.hf(**inputs, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
-        except (TypeError, ValueError):
-            return None
-    cache = getattr(out, "past_key_values", None)
-    layers = getattr(cache, "layers", None)
-    n = inputs["input_ids"].shape[1]
-    if (not isinstance(cache, DynamicCache) or not layers or len(layers) != model.n_layers
-            or any(type(layer) is not DynamicLayer or layer.keys.shape[-2] != n for layer in layers)):
-        return None
-    return [(layer.keys, layer.values) for layer in layers]
+            with model.trace(cache=record) as tr:
+                out = model.hf(**inputs, use_cache=True, past_key_values=DynamicCache(), logits_to_keep=1)
+            cache = getattr(out, "past_key_values", None)
+            blocks = getattr(cache, "layers", None)
+            n = inputs["input_ids"].shape[1]
+            if (isinstance(cache, DynamicCache) and blocks and len(blocks) == model.n_layers
+                    and all(type(b) is DynamicLayer and b.keys.shape[-2] == n for b in blocks)):
+                prefix = [(b.keys, b.values) for b in blocks]
+        except (TypeError, ValueError):  # no DynamicCache support: copies are computed from position 0
+            with model.trace(cache=record) as tr:
+                out = model.hf(**inputs, use_cache=False, logits_to_keep=1)
+    return _Corrupted([tr.cache["resid_pre", layer] for layer in range(model.n_layers)],
+                      {layer: tr.cache[site, layer] for layer in layers}, prefix, out.logits[:, -1])
+
+
+def _first_change(clean_value: torch.Tensor, corrupt_value: torch.Tensor, over: str, i: int) -> int | None:
+    """The first position where patching position (or head) ``i`` changes the corrupted
+    activation, or None when the patch writes exactly the value already there."""
+    if over == "pos":
+        return None if torch.equal(clean_value[:, i], corrupt_value[:, i]) else i
+    differs = (clean_value[:, :, i] != corrupt_value[:, :, i]).flatten(2).any(-1).any(0).nonzero()
+    return int(differs[0]) if len(differs) else None
+
+
+def _clean_slice(clean_value: torch.Tensor, over: str, i: int, start: int = 0) -> tuple[torch.Tensor, dict]:
+    """The clean activation at one position or head, and the edit's keyword for it, in a
+    pass that computes the positions from ``start`` on."""
+    if over == "pos":
+        return clean_value[:, i], {"pos": i - start}
+    return clean_value[:, start:, i], {"head": i}
+
+
+class _Resume(nn.Module):
+    """Stands in for the decoder layers below the first patched one: hands on the corrupted
+    run's residual stream entering that layer (what those layers would compute again)."""
+
+    def __init__(self, resid: torch.Tensor):
+        super().__init__()
+        self.resid = resid
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.resid
+
+
+@contextmanager
+def _resuming_at(model: Model, layer: int, resid: torch.Tensor | None):
+    """Within the block, the model's forward pass starts at decoder layer ``layer`` with
+    ``resid`` as its input (the layers below are swapped out, then put back)."""
+    blocks = model.anatomy.layers()
+    below = [blocks[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Resume(resid)
+        yield
+    finally:
+        for i, block in enumerate(below):
+            blocks[i] = block
 
 
 def _repeated_prefix(prefix, length: int, copies: int):
@@ -198,6 +262,41 @@ def _repeated_prefix(prefix, length: int, copies: int):
 
     return DynamicCache([(k[:, :, :length].repeat(copies, 1, 1, 1), v[:, :, :length].repeat(copies, 1, 1, 1))
                          for k, v in prefix])
+
+
+def _forward_packed(model: Model, enc: dict, base: _Corrupted, edits: list, copies: int, *,
+                    start: int = 0, first_layer: int = 0) -> torch.Tensor:
+    """Last-position logits ``[copies * batch, vocab]`` of ``copies`` edited copies of the
+    corrupted batch, computing positions ``start..`` (the ones before come from ``base``'s
+    key/value cache) and layers ``first_layer..`` (the input is ``base``'s residual stream)."""
+    inputs = {k: v.repeat(copies, 1) for k, v in model.forward_inputs(enc).items()}
+    mask = inputs["attention_mask"]
+    if start:
+        inputs = {"input_ids": inputs["input_ids"][:, start:], "attention_mask": mask,
+                  "position_ids": inputs["position_ids"][:, start:],
+                  "past_key_values": _repeated_prefix(base.prefix, start, copies)}
+    resid = base.resid[first_layer][:, start:].repeat(copies, 1, 1) if first_layer else None
+    with torch.no_grad(), _resuming_at(model, first_layer, resid), model.trace(edits=edits, attention_mask=mask):
+        logits = model.hf(**inputs, use_cache=bool(start), logits_to_keep=1).logits
+    return logits[:, -1]
+
+
+def _resumes_exactly(model: Model, enc: dict, base: _Corrupted) -> bool:
+    """Whether starting a pass at the last layer from the recorded residual stream gives the
+    corrupted logits; if not (an architecture whose decoder layers cannot be swapped out),
+    warn and let every copy run all layers (slower, same numbers)."""
+    if model.n_layers < 2:
+        return False
+    try:
+        logits = _forward_packed(model, enc, base, [], 1, first_layer=model.n_layers - 1)
+        reason = None if torch.allclose(logits, base.logits, atol=1e-4, rtol=1e-4) else "the logits differ"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not skip layers
+        reason = f"{type(e).__name__}: {e}"
+    if reason is None:
+        return True
+    warnings.warn(f"patching.sweep: {model.name} cannot start a forward pass at a middle layer ({reason}); "
+                  "every patched copy runs all layers (slower, same numbers).", stacklevel=3)
+    return False
 
 
 def sweep_naive(model: Model, clean: Prompts, corrupt: Prompts, site: str, metric: Metric, *,
@@ -212,19 +311,5 @@ def sweep_naive(model: Model, clean: Prompts, corrupt: Prompts, site: str, metri
     scores = []
     for layer, i in targets:
         value, where = _clean_slice(clean_run.cache[site, layer], over, i)
-        scores.append(_score(metric, _forward_last(model, enc_corrupt, [patch((site, layer), value, **where)])))
+        scores.append(_score(metric, _forward_packed(model, enc_corrupt, None, [patch((site, layer), value, **where)], 1)))
     return torch.tensor(scores).view(len(layers), -1)
-
-
-def _forward_last(model: Model, enc: dict, edits: list, *, past=None, start: int = 0) -> torch.Tensor:
-    """Last-position logits ``[batch, vocab]`` of one edited forward pass (the unembedding
-    is applied to the last position only). With ``past``, a key/value cache of the first
-    ``start`` positions, only the positions from ``start`` on are computed."""
-    inputs = model.forward_inputs(enc)
-    mask = inputs["attention_mask"]
-    if past is not None:
-        inputs = {"input_ids": inputs["input_ids"][:, start:], "attention_mask": mask,
-                  "position_ids": inputs["position_ids"][:, start:], "past_key_values": past}
-    with torch.no_grad(), model.trace(edits=edits, attention_mask=mask):
-        logits = model.hf(**inputs, use_cache=past is not None, logits_to_keep=1).logits
-    return logits[:, -1]
