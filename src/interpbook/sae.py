@@ -90,6 +90,7 @@ class SAE(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``decode(encode(x))`` ``[..., d_out]``."""
         if self.activation == "relu":
             return self.decode(self.encode(x))
         # TopK: decode only the k chosen rows (k * d_out per vector instead of d_sae * d_out)
