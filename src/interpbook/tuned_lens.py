@@ -40,6 +40,7 @@ from torch import nn
 from .artifacts import cached, tensor_digest
 from .corpus import pack, pydoc_passages
 from .lm import Model, Prompts
+from .sae import collect
 
 __all__ = [
     "TunedLensConfig", "TunedLens", "pydoc_windows", "collect_states", "train_tuned_lens",
@@ -161,13 +162,8 @@ def pydoc_windows(model: Model, n_train: int, n_test: int, seq_len: int = 64,
 @torch.no_grad()
 def collect_states(model: Model, windows: torch.Tensor, skip: int = 1, batch_size: int = 16) -> torch.Tensor:
     """``resid_post`` of every layer at every position ``>= skip``: ``[layer, token, d_model]``."""
-    if windows.dim() != 2 or not 0 <= skip < windows.shape[1]:
-        raise ValueError(f"windows must be [n, seq_len] with seq_len > skip={skip}; got {tuple(windows.shape)}.")
-    states = []
-    for start in range(0, len(windows), batch_size):
-        run = model.run(windows[start:start + batch_size], cache="resid_post", stop_early=True)
-        states.append(run.cache.stack("resid_post")[:, :, skip:].flatten(1, 2))
-    return torch.cat(states, 1)
+    sites = [("resid_post", layer) for layer in range(model.n_layers)]
+    return torch.stack(collect(model, windows, sites, skip=skip, batch_size=batch_size))
 
 
 def _logits_on(model: Model, normed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
