@@ -54,6 +54,10 @@ def test_scorers_reject_mismatched_explanations():
         A.output_score([[5]], torch.zeros(3, 10))
     with pytest.raises(ValueError, match="features >= 2"):
         A.output_score([[5]], torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="one explanation per feature"):
+        A.surprisal(None, [[5]], score, th)
+    with pytest.raises(ValueError, match="one explanation per feature"):
+        A.embedding(None, [[5], [6], [7]], score, th)
     with pytest.raises(ValueError, match="k and top"):
         A.max_act(score, k=0)
 

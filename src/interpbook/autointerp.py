@@ -296,7 +296,8 @@ def output_score(explanations: list[list[int]], effect: torch.Tensor) -> torch.T
 
 
 def _text(model: Model, explanation: list[int]) -> str:
-    return ", ".join(repr(model.tokenizer.decode([t])) for t in explanation)
+    """An explanation's tokens as a short comma-separated list of words."""
+    return ", ".join(model.tokenizer.decode([t]).strip() for t in explanation)
 
 
 @torch.no_grad()
@@ -311,7 +312,7 @@ def _losses(model: Model, prefix: list[int], contexts_ids: torch.Tensor) -> torc
 def surprisal(model: Model, explanations: list[list[int]], score: Contexts, threshold: torch.Tensor, n: int = 10,
               *, seed: int = 0) -> torch.Tensor:
     """Surprisal scoring with ``model`` as the base model: prefix each context with
-    ``"Text about: <tokens>."`` and measure how much the prefix lowers the loss; AUROC
+    ``"Text about: <token>, <token>."`` and measure how much the prefix lowers the loss; AUROC
     ``[features]`` of that drop on ``n`` activating vs ``n`` non-activating contexts (NaN
     when either is missing). The loss drop is measured against a neutral prefix of the
     same form (``"Text about: anything."``) so prefix length alone does not count."""
@@ -322,24 +323,30 @@ def surprisal(model: Model, explanations: list[list[int]], score: Contexts, thre
         return start + model.tokenizer(f"Text about: {words}.\n", add_special_tokens=False)["input_ids"]
 
     g = torch.Generator().manual_seed(seed)
+    chosen = _split_labels(score.peak(), threshold, n, g)
+    used = torch.cat([torch.cat(pair) for pair in chosen]).unique()
+    neutral = torch.full((len(score.ids),), float("nan"))
+    if len(used):
+        neutral[used] = _losses(model, prefix("anything"), score.ids[used])
     out = []
-    neutral = prefix("anything")
-    for expl, (pos, neg) in zip(explanations, _split_labels(score.peak(), threshold, n, g)):
+    for expl, (pos, neg) in zip(explanations, chosen):
         if len(pos) == 0 or len(neg) == 0:
             out.append(float("nan"))
             continue
-        chosen = score.ids[torch.cat([pos, neg])]
-        drop = _losses(model, neutral, chosen) - _losses(model, prefix(_text(model, expl)), chosen)
-        labels = torch.arange(len(chosen)) < len(pos)
-        out.append(float(auroc(drop, labels)))
+        rows = torch.cat([pos, neg])
+        drop = neutral[rows] - _losses(model, prefix(_text(model, expl)), score.ids[rows])
+        out.append(float(auroc(drop, torch.arange(len(rows)) < len(pos))))
     return torch.tensor(out)
 
 
 @torch.no_grad()
 def _embed(model: Model, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """Mean-pooled residual stream after ``layer`` ``[n, d_model]``, unit length."""
+    """Mean-pooled residual stream after ``layer`` ``[n, d_model]``, unit length; the
+    tokenizer's start of text (a BOS, or nothing) is put before ``ids`` and left out of the mean."""
+    start = model.tokenizer("")["input_ids"]
+    ids = torch.cat([torch.tensor(start, dtype=ids.dtype).expand(len(ids), -1), ids], 1)
     h = model.run(ids, cache=[("resid_post", layer)], stop_early=True).cache["resid_post", layer].float()
-    v = h.mean(1).cpu()
+    v = h[:, len(start):].mean(1).cpu()
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -359,7 +366,7 @@ def embedding(model: Model, explanations: list[list[int]], score: Contexts, thre
             continue
         text = model.tokenizer(" " + " ".join(model.tokenizer.decode([t]).strip() for t in expl),
                                add_special_tokens=False)["input_ids"]
-        e = _embed(model, torch.tensor([model.tokenizer("")["input_ids"] + text]), layer)[0]
+        e = _embed(model, torch.tensor([text]), layer)[0]
         sims = ctx[torch.cat([pos, neg])] @ e
         out.append(float(auroc(sims, torch.arange(len(sims)) < len(pos))))
     return torch.tensor(out)
