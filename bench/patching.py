@@ -7,10 +7,11 @@ other name at S2, so the answer flips and the pair shares every token before S2)
 sweep is run by ``interpbook.patching.sweep`` (many patched copies of the corrupted batch in one
 forward pass, ``rows=`` edits; each copy starts at its patched layer and at the first position
 its patch changes, from the corrupted run's residual stream and key/value cache) and by
-``interpbook.patching.sweep_naive`` (one forward pass per patch, the same last-position
-unembedding), and the two result grids are compared (max |diff|). Reported: wall and
-process-CPU seconds of each (medians over ``--rounds``, the two alternating in order), and
-their ratios (CPU ratios are the least disturbed when other processes share the cores).
+``interpbook.patching.sweep_naive`` (one forward pass per patch, the last-position logits
+over the whole vocabulary, as a reader's loop would score them; the batched sweep is given
+``patching.LogitDiff``, which lets it unembed only the answer and wrong ids), and the two
+result grids are compared (max |diff|). Reported: wall and process-CPU seconds of each
+(medians over ``--rounds``, the two alternating in order), and their ratios (CPU ratios are the least disturbed when other processes share the cores).
 
 Usage: ``python bench/patching.py [--model NAME] [--prompts 8] [--layer-step 1] [--rounds 1]
 [--corruption s2] [--batch-size 64] [--threads N] [--sweeps resid_pre:pos attn_z:head]``
@@ -79,8 +80,10 @@ def main() -> None:
     clean, corrupt, right, wrong = ioi_pairs(model, args.prompts, args.corruption)
     n_tokens = model.tokenize(clean)["input_ids"].shape[1]
 
-    def metric(logits):
+    def metric(logits):  # what a reader's loop scores: last-position logits over the vocabulary
         return patching.logit_diff(logits, right, wrong)
+
+    columns = patching.LogitDiff(right, wrong)  # the same metric; the sweep unembeds only its ids
 
     layers = list(range(0, model.n_layers, args.layer_step))
     load = os.getloadavg()[0]
@@ -94,7 +97,7 @@ def main() -> None:
         common = dict(over=over, layers=layers)
         patching.sweep(model, clean, corrupt, site, metric, layers=layers[:1], over=over)  # warm-up
         times = {"fast": [], "slow": []}
-        runs = {"fast": lambda: patching.sweep(model, clean, corrupt, site, metric, batch_size=args.batch_size,
+        runs = {"fast": lambda: patching.sweep(model, clean, corrupt, site, columns, batch_size=args.batch_size,
                                                **common),
                 "slow": lambda: patching.sweep_naive(model, clean, corrupt, site, metric, **common)}
         for r in range(args.rounds):

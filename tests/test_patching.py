@@ -44,6 +44,35 @@ def test_batched_sweep_equals_the_naive_loop(model, site, over, pair):
 
 
 @pytest.mark.parametrize("site,over", [("resid_pre", "pos"), ("attn_z", "head")])
+def test_a_logit_diff_metric_unembeds_only_its_columns(model, site, over, monkeypatch):
+    """patching.LogitDiff scores like the plain function, and the sweep's patched passes
+    compute two logits per row (the answer and wrong ids) instead of the vocabulary."""
+    clean, corrupt = _shared_prefix_pair()
+    metric = patching.LogitDiff([5, 6], [8, 9])
+    logits = torch.randn(2, model.d_vocab)
+    torch.testing.assert_close(metric(logits), _metric(logits))
+    torch.testing.assert_close(metric.on_columns(logits[:, metric.columns]), _metric(logits))
+    widths, forward = [], patching._forward_packed
+
+    def spy(*args, **kw):
+        out = forward(*args, **kw)
+        widths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(patching, "_forward_packed", spy)
+    fast = patching.sweep(model, clean, corrupt, site, metric, over=over, batch_size=4)
+    assert widths[-1] == 4 and model.hf.get_output_embeddings().out_features == model.d_vocab  # swapped back
+    torch.testing.assert_close(fast, patching.sweep_naive(model, clean, corrupt, site, _metric, over=over),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_logit_diff_metric_outside_the_vocabulary_is_refused(model):
+    clean, corrupt = _shared_prefix_pair()
+    with pytest.raises(ValueError, match="vocabulary"):
+        patching.sweep(model, clean, corrupt, "resid_pre", patching.LogitDiff([5], [model.d_vocab]))
+
+
+@pytest.mark.parametrize("site,over", [("resid_pre", "pos"), ("attn_z", "head")])
 def test_sweep_over_a_subset_of_layers(model, site, over):
     clean, corrupt = _shared_prefix_pair()
     layers = [-1, 1]
@@ -57,10 +86,10 @@ def _packed_passes(monkeypatch):
     (not the unedited pass that checks that the model can start at its last layer)."""
     passes, forward = [], patching._forward_packed
 
-    def spy(model, enc, base, edits, copies, *, start=0, first_layer=0):
+    def spy(model, enc, base, edits, copies, *, start=0, first_layer=0, **kw):
         if edits:
             passes.append((start, first_layer, copies))
-        return forward(model, enc, base, edits, copies, start=start, first_layer=first_layer)
+        return forward(model, enc, base, edits, copies, start=start, first_layer=first_layer, **kw)
 
     monkeypatch.setattr(patching, "_forward_packed", spy)
     return passes
