@@ -77,7 +77,7 @@ class LogitDiff:
         return logit_diff(logits, self.answer_ids, self.wrong_ids)
 
     def on_columns(self, logits: torch.Tensor) -> torch.Tensor:
-        """The same from logits of :attr:`columns` only (``[batch, len(columns)]``)."""
+        """The same from the logits of ``self.columns`` only (``[batch, len(columns)]``)."""
         def where(ids):
             return torch.searchsorted(self.columns, ids)
         return logit_diff(logits, where(self.answer_ids), where(self.wrong_ids))
