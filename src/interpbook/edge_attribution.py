@@ -131,6 +131,7 @@ class _EdgeHooks:
     def __init__(self, model: Model, graph: EdgeGraph, delta, record: bool, embed_fn=None):
         self.model, self.graph, self.delta, self.record, self.embed_fn = model, graph, delta, record, embed_fn
         self.out: torch.Tensor | None = None
+        self.sums: dict[int, torch.Tensor] = {}   # number of senders stored -> their running sum
         self.handles: list = []
         self.x: dict[int, torch.Tensor] = {}
         self.own_call = False
@@ -183,6 +184,8 @@ class _EdgeHooks:
             b, p, _, d = value.shape
             self.out = value.new_zeros(len(self.graph.senders), b, p, d)
         self.out[senders] = value.movedim(2, 0)
+        last = self.sums.get(senders.start, 0)
+        self.sums[senders.stop] = last + value.sum(2)
 
     def _embed(self, x):
         if self.embed_fn is not None:
@@ -342,22 +345,31 @@ def circuit_metrics(model: Model, clean: Prompts, corrupt: Prompts, circuits: to
     with torch.no_grad():
         a_corrupt = sender_outputs(model, enc_corrupt, graph)
     copies = max(1, batch_size // n)
+    corrupt_sums = a_corrupt.cumsum(0)                                                # [sender, n, pos, d]
     out = []
     for start in range(0, len(circuits), copies):
-        cut = (~circuits[start:start + copies] & graph.edges).float()                # [c, recv, send]
-        c = cut.shape[0]
-        hooks: _EdgeHooks
+        keep = circuits[start:start + copies] & graph.edges                            # [c, recv, send]
+        c = keep.shape[0]
 
-        def delta(receivers, x, cut=cut, c=c):
-            block = cut[:, receivers].to(a_corrupt.dtype)
+        def delta(receivers, x, keep=keep, c=c):
+            """sum over cut edges of (corrupt - current) sender outputs, computed from the
+            smaller of the kept and the cut edges: all upstream senders sum to the residual."""
             up = int(graph.edges[receivers.start].sum())
-            if not bool(block.any()):
+            kept = keep[:, receivers, :up]
+            cut = ~kept
+            if not bool(cut.any()):
                 return None
-            cur = hooks.out[:up].view(up, c, -1)                                   # [up, c, n*pos*d]
-            d = torch.einsum("cvu,ux->cvx", block[:, :, :up], a_corrupt[:up].flatten(1))
-            d = d - torch.einsum("cvu,ucx->cvx", block[:, :, :up], cur)
-            v = block.shape[1]
-            return d.view(c, v, n, *x.shape[1:]).permute(0, 2, 3, 1, 4).reshape(c * n, x.shape[1], v, x.shape[2])
+            cur = hooks.out[:up].view(up, c, n, *x.shape[1:])                         # [up, c, n, pos, d]
+            use_kept = int(kept.any((0, 1)).sum()) < int(cut.any((0, 1)).sum())
+            mask = kept if use_kept else cut
+            cols = mask.any((0, 1)).nonzero()[:, 0]
+            diff = a_corrupt[cols][:, None] - cur[cols]                                # [cols, c, n, pos, d]
+            d = torch.einsum("cvu,ucx->cvx", mask[:, :, cols].to(diff.dtype), diff.flatten(2))
+            d = d.view(c, -1, n, *x.shape[1:])
+            if use_kept:
+                total = corrupt_sums[up - 1][None] - hooks.sums[up].view(c, n, *x.shape[1:])
+                d = total[:, None] - d
+            return d.permute(0, 2, 3, 1, 4).reshape(c * n, x.shape[1], -1, x.shape[2])
 
         hooks = _EdgeHooks(model, graph, delta, record=True)
         with torch.no_grad(), hooks:
