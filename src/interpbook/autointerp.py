@@ -301,12 +301,16 @@ def _text(model: Model, explanation: list[int]) -> str:
 
 
 @torch.no_grad()
-def _losses(model: Model, prefix: list[int], contexts_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss on each context's tokens after the first, with ``prefix`` ids before."""
-    ids = torch.cat([torch.tensor(prefix, dtype=contexts_ids.dtype).expand(len(contexts_ids), -1), contexts_ids], 1)
-    logits = model.run(ids).logits[:, len(prefix):-1].float()
-    targets = contexts_ids[:, 1:].to(logits.device)
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1).cpu()
+def _losses(model: Model, prefix: list[int], contexts_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token loss on each context's tokens after the first, with ``prefix`` ids
+    before (in batches, so a large vocabulary's logits stay small)."""
+    out = []
+    for chunk in contexts_ids.split(batch_size):
+        ids = torch.cat([torch.tensor(prefix, dtype=chunk.dtype).expand(len(chunk), -1), chunk], 1)
+        logits = model.run(ids).logits[:, len(prefix):-1].float()
+        targets = chunk[:, 1:].to(logits.device)
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1).cpu())
+    return torch.cat(out)
 
 
 def surprisal(model: Model, explanations: list[list[int]], score: Contexts, threshold: torch.Tensor, n: int = 10,
@@ -401,5 +405,5 @@ def judge_detection(model: Model, description: str, texts: torch.Tensor) -> torc
                                  "Does the text match the description? Answer Yes or No.", "Answer:")
                for t in texts]
     yes, no = model.token_id(" Yes"), model.token_id(" No")
-    logits = model.logits(prompts).float()
+    logits = torch.cat([model.logits(prompts[i:i + 4]).float() for i in range(0, len(prompts), 4)])
     return (logits[:, yes] - logits[:, no]).cpu()
