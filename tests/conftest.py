@@ -13,10 +13,11 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from interpbook.cli import strict_build
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO / "book"
@@ -53,14 +54,12 @@ def book_env(cache: Path, *, offline: bool = False, pythonpath: Path | None = No
 
 
 def sphinx_build(src: Path, out: Path, env: dict, *, timeout: float = 3600) -> Build:
-    """Build ``src`` into ``out`` strictly (-W --keep-going -n); fail the test with the log."""
+    """Build ``src`` into ``out`` as ``make book`` does (strict, two pages at a time); fail the
+    test with the log."""
     import time
 
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-b", "html", str(src), str(out)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    proc = subprocess.run(strict_build(src, out), env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         pytest.fail(f"sphinx-build {src} failed ({proc.returncode}):\n{log[-6000:]}", pytrace=False)
