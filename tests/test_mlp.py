@@ -171,3 +171,4 @@ def test_top_sub_updates(model):
 
 def test_visible():
     assert mlp.visible(" Paris") == "␣Paris" and mlp.visible("  x") == "␣␣x" and mlp.visible("s") == "s"
+    assert mlp.visible("\n\n") == "↵↵" and mlp.visible(" a\tb") == "␣a⇥b"

@@ -73,9 +73,10 @@ def value_top_tokens(model: Model, layer: int, neuron: int, k: int = 10, *, sign
 
 
 def visible(token: str) -> str:
-    """A token for display, with its leading spaces shown as ``␣`` (``' Paris'`` -> ``'␣Paris'``)."""
+    """A token for display, with its leading spaces shown as ``␣`` (``' Paris'`` -> ``'␣Paris'``)
+    and line breaks and tabs as ``↵`` and ``⇥`` (a newline token would print as a blank)."""
     stripped = token.lstrip(" ")
-    return "␣" * (len(token) - len(stripped)) + stripped
+    return "␣" * (len(token) - len(stripped)) + stripped.replace("\n", "↵").replace("\t", "⇥")
 
 
 # --- keys: top-activating contexts over a corpus ---------------------------------------------
