@@ -99,6 +99,8 @@ def test_steering_effect_zero_changes_nothing_and_matches_a_manual_steer(family)
     manual = (steered[:, 1:].log_softmax(-1) - clean[:, 1:].log_softmax(-1)).mean((0, 1))
     assert torch.allclose(effect[1], manual, atol=1e-5)
     assert A.token_change(effect, k=1)[1] == [int(manual.argmax())]
+    one_by_one = A.steering_effect(model, site, dirs, ids, norm=3.0, batch_size=1)
+    assert torch.allclose(effect, one_by_one, atol=1e-5)
     with pytest.raises(ValueError, match="prompts"):
         A.steering_effect(model, site, dirs, ids[0], norm=1.0)
 

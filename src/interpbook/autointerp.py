@@ -197,30 +197,34 @@ def vocab_proj(model: Model, directions: torch.Tensor, k: int = 5) -> list[list[
 
 @torch.no_grad()
 def steering_effect(model: Model, site: tuple[str, int], directions: torch.Tensor, prompts: torch.Tensor,
-                    norm: float, *, skip: int = 1) -> torch.Tensor:
+                    norm: float, *, skip: int = 1, batch_size: int = 8) -> torch.Tensor:
     """Mean change of every token's next-token log-probability ``[n, vocab]`` when each
     direction (rescaled to length ``norm``) is added to ``site`` at positions ``>= skip`` of
-    ``prompts [batch, seq]``, averaged over those positions."""
+    ``prompts [batch, seq]``, averaged over those positions.
+
+    ``batch_size`` directions share one forward pass (each on its own copy of the prompts):
+    a small model on a CPU reads all its weights once per pass, whatever the batch."""
     if directions.dim() != 2 or directions.shape[1] != model.d_model:
         raise ValueError(f"directions must be [n, d_model={model.d_model}]; got {tuple(directions.shape)}.")
     if prompts.dim() != 2 or not 0 <= skip < prompts.shape[1]:
         raise ValueError(f"prompts must be [batch, seq] with seq > skip={skip}; got {tuple(prompts.shape)}.")
     unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n_prompts = len(prompts)
 
-    def mean_logprobs(edits=()) -> torch.Tensor:
-        logits = model.run(prompts, edits=edits).logits[:, skip:].float()
-        return logits.log_softmax(-1).mean((0, 1))
+    def mean_logprobs(ids: torch.Tensor, edits=()) -> torch.Tensor:
+        logits = model.run(ids, edits=edits).logits[:, skip:].float()
+        return logits.log_softmax(-1).view(-1, n_prompts, *logits.shape[1:]).mean((1, 2))
 
-    clean = mean_logprobs()
+    clean = mean_logprobs(prompts)[0]
     out = []
-    for d in unit:
-        vector = (norm * d).to(model.device)
+    for group in unit.split(batch_size):
+        vectors = (norm * group).repeat_interleave(n_prompts, 0).to(model.device)     # one per row
 
-        def add(x, v=vector):
-            return torch.cat([x[:, :skip], x[:, skip:] + v.to(x.dtype)], 1)
+        def add(x, v=vectors):
+            return torch.cat([x[:, :skip], x[:, skip:] + v[:, None].to(x.dtype)], 1)
 
-        out.append(mean_logprobs([edit(site, add)]) - clean)
-    return torch.stack(out).cpu()
+        out.append(mean_logprobs(prompts.repeat(len(group), 1), [edit(site, add)]) - clean)
+    return torch.cat(out).cpu()
 
 
 def token_change(effect: torch.Tensor, k: int = 5) -> list[list[int]]:
