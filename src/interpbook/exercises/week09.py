@@ -79,26 +79,27 @@ def check_head_attribution(head_attribution, model, ds: C.IOIDataset) -> CheckRe
 
 
 def check_name_mover(head, model, ds: C.IOIDataset) -> CheckResult:
-    """Exercise 3: ``head = (layer, head)`` is a name mover: its ABC output patched straight
-    into the logits costs at least half as much logit difference as the strongest head's
-    (:func:`interpbook.circuits.direct_effects`), and at the last position it attends more
-    to the indirect object than to the subject."""
+    """Exercise 3: ``head = (layer, head)`` is a name mover: from the last token it attends
+    more to the indirect object than to the subject (S2), and its ABC output patched
+    straight into the logits (:func:`interpbook.circuits.direct_effects`) lowers the logit
+    difference by at least half as much as the strongest such head's does."""
     ex = "Exercise 3 (a name-mover head)"
     _missing(ex, head, "head")
     layer, h = C._checked_heads(model, [head])[0]
+    to_io, to_s = C.attention_to(model, ds, "io"), C.attention_to(model, ds, "s2")
+    prefers_io = to_io > to_s
+    if not bool(prefers_io[layer, h]):
+        raise CheckFailed(f"{ex}: head {layer}.{h} attends {float(to_io[layer, h]):.2f} to IO and "
+                          f"{float(to_s[layer, h]):.2f} to S2 from the last token: a name mover attends to the name "
+                          "it copies, the indirect object.")
     direct = C.direct_effects(model, ds)
-    best = float(direct.min())
-    if float(direct[layer, h]) > 0.5 * best:
+    best = float(direct[prefers_io].min())
+    if not float(direct[layer, h]) <= 0.5 * min(best, 0.0) or float(direct[layer, h]) >= 0:
         raise CheckFailed(f"{ex}: head {layer}.{h} changes the logit difference by {float(direct[layer, h]):+.2f} "
-                          f"(relative) through its direct path; the strongest head does {best:+.2f}. A name mover "
-                          "writes the answer straight into the logits.")
-    to_io = float(C.attention_to(model, ds, "io")[layer, h])
-    to_s = float(C.attention_to(model, ds, "s2")[layer, h])
-    if to_io <= to_s:
-        raise CheckFailed(f"{ex}: head {layer}.{h} attends {to_io:.2f} to IO and {to_s:.2f} to S2 from the last "
-                          "token: a name mover attends to the name it copies, the indirect object.")
+                          f"(relative) through its direct path; the strongest IO-attending head does {best:+.2f}. "
+                          "A name mover writes the answer straight into the logits.")
     return CheckResult(ex, f"head {layer}.{h}: direct effect {float(direct[layer, h]):+.2f}, attention to IO "
-                       f"{to_io:.2f} vs S2 {to_s:.2f}")
+                       f"{float(to_io[layer, h]):.2f} vs S2 {float(to_s[layer, h]):.2f}")
 
 
 def check_circuit_faithfulness(value, model, ds: C.IOIDataset, circuit) -> CheckResult:
