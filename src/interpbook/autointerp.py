@@ -36,62 +36,20 @@ configuration, so it is read from the cache instead of retrained.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
 
-from .corpus import docstring_passages, pack, pydoc_passages
 from .lm import Model
-from .models import cache_dir
-from .sae import SAEConfig, TrainedSAE, load_or_train
+from .sae import sae_layer
 from .snmf import auroc
 from .tracing import edit
 
 __all__ = [
-    "LAYER_FRACTION", "SAE_CONFIG", "sae_layer", "shared_windows", "shared_sae", "Contexts", "contexts", "thresholds",
+    "Contexts", "contexts", "thresholds",
     "max_act", "vocab_proj", "output_directions", "steering_effect", "token_change", "union",
     "detection", "fuzzing", "output_score", "surprisal", "embedding", "judge_detection", "describe",
 ]
-
-#: Depth of the SAE's residual-stream layer as a fraction of the model's layers (week 7).
-LAYER_FRACTION = 0.5
-#: The TopK SAE configuration of the week-7 page (same fields, so the same cache entry).
-SAE_CONFIG = SAEConfig(expansion=4, activation="topk", k=32, lr=2e-3, steps=240, batch_size=256)
-_PACKAGES = ("transformers", "torch")
-
-
-def sae_layer(model: Model) -> int:
-    """The SAE's layer: :data:`LAYER_FRACTION` of the model's depth, rounded."""
-    return round(LAYER_FRACTION * model.n_layers)
-
-
-def shared_windows(model: Model, heldout_tokens: int = 8_192, seq_len: int = 64) -> dict[str, torch.Tensor]:
-    """The week-7 corpus cut exactly as that page cuts it: ``"train"`` windows (the SAE's
-    training data, so the cache key matches) and ``"heldout"`` windows from the held-out
-    passages (``heldout_tokens`` of them; the week-7 page used the first 4,096)."""
-    texts = [p.text for p in docstring_passages(_PACKAGES, max_words=12_000)]
-    texts += [p.text for p in pydoc_passages()]
-    random.Random(0).shuffle(texts)
-
-    def encode(text):
-        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    start = model.tokenizer("")["input_ids"]
-    cut = 3 * len(texts) // 4
-    common = dict(separator=encode("\n\n"), prefix=start)
-    return {"train": pack(encode, texts[:cut], seq_len, max_tokens=8_192, **common),
-            "heldout": pack(encode, texts[cut:], seq_len, max_tokens=heldout_tokens, **common)}
-
-
-def shared_sae(model: Model, train_windows: torch.Tensor) -> tuple[TrainedSAE, bool]:
-    """The week-7 TopK SAE at :func:`sae_layer` and whether it had to be trained now
-    (``False``: it came from the cache, as it does after the week-7 page has run)."""
-    folder = cache_dir() / "sae"
-    before = set(folder.glob("*.pt")) if folder.exists() else set()
-    trained = load_or_train(model, sae_layer(model), train_windows, SAE_CONFIG)
-    return trained, bool(set(folder.glob("*.pt")) - before)
-
 
 # --- held-out contexts ------------------------------------------------------------------------
 @dataclass
@@ -361,7 +319,7 @@ def _embed(model: Model, ids: torch.Tensor, layer: int) -> torch.Tensor:
 def embedding(model: Model, explanations: list[list[int]], score: Contexts, threshold: torch.Tensor, n: int = 20,
               *, layer: int | None = None, seed: int = 0) -> torch.Tensor:
     """Embedding scoring with ``model`` as the embedder (mean-pooled residual stream after
-    ``layer``, default :func:`sae_layer`): AUROC ``[features]`` of the cosine between the
+    ``layer``, default :func:`~interpbook.sae.sae_layer`): AUROC ``[features]`` of the cosine between the
     explanation (its tokens as text) and ``n`` activating vs ``n`` non-activating contexts."""
     _check_explanations(explanations, score.acts.shape[-1])
     layer = sae_layer(model) if layer is None else layer

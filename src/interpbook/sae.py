@@ -23,6 +23,7 @@ tracing edit, for the *loss recovered* measure.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,11 +31,14 @@ import torch
 from torch import nn
 
 from .artifacts import cached, tensor_digest
+from .corpus import docstring_passages, pack, pydoc_passages
 from .lm import Model
+from .models import cache_dir
 from .tracing import Edit, edit
 
 __all__ = ["SAE", "SAEConfig", "train_sae", "collect", "TrainedSAE", "load_or_train", "evaluate",
-           "next_token_loss", "loss_recovered", "splice", "fvu"]
+           "next_token_loss", "loss_recovered", "splice", "fvu",
+           "LAYER_FRACTION", "SAE_CONFIG", "sae_layer", "shared_windows", "shared_sae"]
 
 
 class SAE(nn.Module):
@@ -339,3 +343,44 @@ def splice(sae: SAE, site: tuple[str, int], *, skip: int = 1) -> Edit:
         return torch.cat([x[:, :skip], sae(x[:, skip:]).to(x.dtype)], 1)
 
     return edit(site, reconstruct)
+
+
+# --- the book's SAE, shared by weeks 7 and 8 ------------------------------------------------
+#: Depth of the SAE's residual-stream layer as a fraction of the model's layers (weeks 7 and 8).
+LAYER_FRACTION = 0.5
+#: The TopK SAE of weeks 7 and 8 (one spec, so both pages get the same cache entry).
+SAE_CONFIG = SAEConfig(expansion=4, activation="topk", k=32, lr=2e-3, steps=240, batch_size=256)
+_PACKAGES = ("transformers", "torch")
+
+
+def sae_layer(model: Model) -> int:
+    """The SAE's layer: :data:`LAYER_FRACTION` of the model's depth, rounded."""
+    return round(LAYER_FRACTION * model.n_layers)
+
+
+def shared_windows(model: Model, heldout_tokens: int = 8_192, seq_len: int = 64) -> dict[str, torch.Tensor]:
+    """The book's SAE corpus: docstrings of two installed packages and pydoc prose, shuffled
+    and split by passage (3/4 train) before packing into windows: ``"train"`` (the SAE's
+    training data, so the cache key is the same on every page) and ``"heldout"``
+    (``heldout_tokens`` of the held-out passages)."""
+    texts = [p.text for p in docstring_passages(_PACKAGES, max_words=12_000)]
+    texts += [p.text for p in pydoc_passages()]
+    random.Random(0).shuffle(texts)
+
+    def encode(text):
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    start = model.tokenizer("")["input_ids"]
+    cut = 3 * len(texts) // 4
+    common = dict(separator=encode("\n\n"), prefix=start)
+    return {"train": pack(encode, texts[:cut], seq_len, max_tokens=8_192, **common),
+            "heldout": pack(encode, texts[cut:], seq_len, max_tokens=heldout_tokens, **common)}
+
+
+def shared_sae(model: Model, train_windows: torch.Tensor) -> tuple[TrainedSAE, bool]:
+    """The week-7 TopK SAE at :func:`sae_layer` and whether it had to be trained now
+    (``False``: it came from the cache, as it does after the week-7 page has run)."""
+    folder = cache_dir() / "sae"
+    before = set(folder.glob("*.pt")) if folder.exists() else set()
+    trained = load_or_train(model, sae_layer(model), train_windows, SAE_CONFIG)
+    return trained, bool(set(folder.glob("*.pt")) - before)
