@@ -30,7 +30,7 @@ Scorers (each returns one number per feature, 0.5 is chance unless said otherwis
 - :func:`judge_detection`: the same detection task put to the model itself as a yes/no
   question (to show how a 135M judge does).
 
-The shared SAE of the week-7 page comes from :func:`shared_sae` with the same data and
+The shared SAE of the week-7 page comes from :func:`interpbook.sae.shared_sae` with the same data and
 configuration, so it is read from the cache instead of retrained.
 """
 
@@ -319,8 +319,9 @@ def _embed(model: Model, ids: torch.Tensor, layer: int) -> torch.Tensor:
 def embedding(model: Model, explanations: list[list[int]], score: Contexts, threshold: torch.Tensor, n: int = 20,
               *, layer: int | None = None, seed: int = 0) -> torch.Tensor:
     """Embedding scoring with ``model`` as the embedder (mean-pooled residual stream after
-    ``layer``, default :func:`~interpbook.sae.sae_layer`): AUROC ``[features]`` of the cosine between the
-    explanation (its tokens as text) and ``n`` activating vs ``n`` non-activating contexts."""
+    ``layer``, default :func:`~interpbook.sae.sae_layer`): AUROC ``[features]`` of the cosine
+    between the explanation (its tokens as text) and ``n`` activating vs ``n`` non-activating
+    contexts."""
     _check_explanations(explanations, score.acts.shape[-1])
     layer = sae_layer(model) if layer is None else layer
     g = torch.Generator().manual_seed(seed)
