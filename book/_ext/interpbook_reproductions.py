@@ -70,13 +70,22 @@ def table_pages_outdated(app, env, added, changed, removed) -> list[str]:
     return sorted(getattr(env, "interpbook_table_pages", set())) if added | changed | removed else []
 
 
-def _row(cells: list[nodes.Node], classes: tuple[str, ...] = ()) -> nodes.row:
+def _row(cells: list, classes: tuple[str, ...] = ()) -> nodes.row:
+    """A table row; a cell is a node, or ``(node, class)`` for a styled cell."""
     row = nodes.row(classes=list(classes))
     for cell in cells:
-        entry = nodes.entry()
+        cell, cls = cell if isinstance(cell, tuple) else (cell, None)
+        entry = nodes.entry(classes=[cls] if cls else [])
         entry += cell if isinstance(cell, nodes.paragraph) else nodes.paragraph("", "", cell)
         row += entry
     return row
+
+
+def _value(value: float | int | str) -> tuple[nodes.Node, str]:
+    """A paper's or the book's value: a number is right-aligned on one line (the column
+    reads like figures), a sentence wraps like text."""
+    kind = "interpbook-number" if isinstance(value, (int, float)) else "interpbook-text"
+    return nodes.Text(format_value(value)), kind
 
 
 def _group_row(content: nodes.Node, level: str) -> nodes.row:
@@ -143,8 +152,8 @@ def _table(app: Sphinx, fromdocname: str) -> nodes.Node:
             body += _row([
                 nodes.Text(rec.name),
                 _paper_cell(app, fromdocname, rec.paper_ref),
-                nodes.Text(format_value(rec.paper)),
-                nodes.Text(format_value(rec.ours)),
+                _value(rec.paper),
+                _value(rec.ours),
                 nodes.Text(rec.units),
                 nodes.strong("", rec.verdict),
                 nodes.Text(rec.note),
