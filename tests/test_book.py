@@ -236,6 +236,12 @@ def test_reproductions_table_lists_every_card(book):
     page = soup(book, "appendix/reproductions")
     rows = page.select("table.interpbook-reproductions tr.interpbook-record-row")
     assert len(rows) == cards, f"{cards} reproduction cards in the book, {len(rows)} table rows"
+    for row in rows:  # the paper's and our value: a number right-aligned, or a sentence that wraps
+        for cell in row.select("td")[2:4]:
+            kind = set(cell.get("class", [])) & {"interpbook-number", "interpbook-text"}
+            assert len(kind) == 1, f"value cell without its kind: {cell}"
+            if kind == {"interpbook-number"}:
+                float(cell.get_text(strip=True).replace(",", ""))
     if not cards:
         assert "No reproductions are recorded" in page.get_text()
     check_no_bib_keys(page.select_one("table.interpbook-reproductions") or page, "the Reproductions table")
