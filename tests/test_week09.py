@@ -37,13 +37,15 @@ def test_layer_patching(setup):
         w.check_layer_patching(..., model, ds)
 
 
-def head_attribution(model, clean, corrupt, metric):
+def head_attribution(model, clean, corrupt, metric, positions=slice(None)):
+    """Attribution patching per head, summed over ``positions`` (all of them: the right answer)."""
     with torch.no_grad():
         zc = model.run(corrupt, cache="attn_z").cache
     run = model.run(clean, cache="attn_z", grad=True)
     zs = [run.cache["attn_z", l] for l in range(model.n_layers)]
     grads = torch.autograd.grad(metric(run.last_logits), zs)
-    return torch.stack([((zc["attn_z", l] - z.detach()) * g).sum((0, 1, 3)) for l, (z, g) in enumerate(zip(zs, grads))])
+    return torch.stack([((zc["attn_z", l] - z.detach()) * g)[:, positions].sum((0, 1, 3))
+                        for l, (z, g) in enumerate(zip(zs, grads))])
 
 
 def test_head_attribution(setup):
@@ -53,13 +55,7 @@ def test_head_attribution(setup):
         w.check_head_attribution(lambda *a: -head_attribution(*a), model, ds)
 
     def last_position_only(model, clean, corrupt, metric):
-        with torch.no_grad():
-            zc = model.run(corrupt, cache="attn_z").cache
-        run = model.run(clean, cache="attn_z", grad=True)
-        zs = [run.cache["attn_z", l] for l in range(model.n_layers)]
-        grads = torch.autograd.grad(metric(run.last_logits), zs)
-        return torch.stack([((zc["attn_z", l] - z.detach()) * g)[:, -1].sum((0, 2))
-                            for l, (z, g) in enumerate(zip(zs, grads))])
+        return head_attribution(model, clean, corrupt, metric, positions=slice(-1, None))
 
     with pytest.raises(CheckFailed):
         w.check_head_attribution(last_position_only, model, ds)
