@@ -14,7 +14,8 @@ of the same relation), and carries the prompts that test the edit:
 "Beats" compares the log-probabilities of the objects' first tokens (the objects of a
 case are chosen so that their first tokens differ); the paper compares whole-object
 probabilities. :func:`evaluate_case` scores one case under whatever edit is active, and
-:func:`evaluate_rome` edits every case at each layer and returns one row per (layer, case).
+:func:`evaluate_edits` applies each case's edit at each layer and returns one row per
+(layer, case).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from . import rome
 from .facts import Fact, neighbours, object_token
 
-__all__ = ["CounterFactCase", "counterfact_cases", "n_gram_entropy", "evaluate_case", "evaluate_rome"]
+__all__ = ["CounterFactCase", "counterfact_cases", "n_gram_entropy", "evaluate_case", "evaluate_edits"]
 
 
 @dataclass(frozen=True)
@@ -116,24 +117,21 @@ def evaluate_case(model, case: CounterFactCase, *, gen_tokens: int = 16) -> dict
     return row
 
 
-def evaluate_rome(model, cases: Sequence[CounterFactCase], layers: Sequence[int], *,
-                  C: dict[int, torch.Tensor] | None = None, prefixes: Sequence[str] | None = None,
-                  gen_tokens: int = 16, **value_kwargs):
-    """One row per (layer, case): the case's scores with its ROME edit at ``layer`` applied,
-    plus rows with ``layer = -1`` for the unedited model. The edits of one layer are
-    computed together (:func:`interpbook.factual.rome.rome_edits`) and applied one at a
-    time. Returns a pandas DataFrame."""
+def evaluate_edits(model, cases: Sequence[CounterFactCase], edits: dict[int, Sequence[rome.RomeEdit]], *,
+                   gen_tokens: int = 16):
+    """One row per (layer, case): the case's scores with its edit at that layer applied
+    (``edits[layer][i]`` belongs to ``cases[i]``, e.g. from
+    :func:`interpbook.factual.rome.rome_edits`), plus rows with ``layer = -1`` for the
+    unedited model. Edits are applied one at a time. Returns a pandas DataFrame."""
     import pandas as pd
 
     cases = list(cases)
-    prefixes = list(prefixes) if prefixes is not None else rome.context_prefixes(model)
-    C = rome.key_second_moments(model, layers) if C is None else C
+    for layer, es in edits.items():
+        if len(es) != len(cases):
+            raise ValueError(f"layer {layer} has {len(es)} edits for {len(cases)} cases; give one edit per case.")
     rows = [{"layer": -1, **evaluate_case(model, c, gen_tokens=gen_tokens)} for c in cases]
-    for layer in layers:
-        edits = rome.rome_edits(model, layer, [c.request for c in cases], C=C[layer], prefixes=prefixes,
-                                **value_kwargs)
-        for c, e in zip(cases, edits):
+    for layer, es in edits.items():
+        for c, e in zip(cases, es):
             with rome.edited(model, e):
-                rows.append({"layer": layer, **evaluate_case(model, c, gen_tokens=gen_tokens),
-                             "nll": e.nll[-1]})
+                rows.append({"layer": layer, **evaluate_case(model, c, gen_tokens=gen_tokens), "nll": e.nll[-1]})
     return pd.DataFrame(rows)
