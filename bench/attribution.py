@@ -7,12 +7,16 @@ logit difference, is computed three ways:
 * **attribution patching**: one clean forward pass with gradients, one backward pass and
   one corrupted forward pass; the effect of head ``h`` is ``(z_corrupt - z_clean) . dm/dz``
   summed over prompts, positions and the head's dimensions;
+* **attribution patching at the midpoint**: the same product with the gradient taken at the
+  run whose embeddings lie halfway between corrupt and clean (integrated gradients with one
+  midpoint step; one more forward pass for ``z_clean``, batched with the corrupted one);
 * **activation patching, batched**: ``interpbook.patching.sweep`` over ``(layer, head)``;
 * **activation patching, naive** (``--naive``): ``interpbook.patching.sweep_naive``, one
   forward pass per head.
 
-Reported: wall and process-CPU seconds, the time ratios, the Pearson correlation of the
-per-head effects and how many of the top-10 heads (by |effect|) the two share. Then the
+Reported: wall and process-CPU seconds, activation patching's CPU time over each method's, the
+Pearson correlation of each estimate with activation patching's per-head effects and how many
+of the top-10 heads (by |effect|) they share. Then the
 cost of edge attribution (``interpbook.edge_attribution``) with EAP and with EAP-IG at 1
 and ``--steps`` steps, and the cost per extra IG step.
 
@@ -36,6 +40,7 @@ import interpbook as ib  # noqa: E402
 from interpbook import circuits as C  # noqa: E402
 from interpbook import edge_attribution as EA  # noqa: E402
 from interpbook import patching  # noqa: E402
+from interpbook.tracing import patch  # noqa: E402
 
 
 def timed(fn):
@@ -45,15 +50,24 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def attribution_patching(model, ds) -> torch.Tensor:
-    """First-order effect of patching each head's ABC output into the clean run ``[layer, head]``."""
-    with torch.no_grad():
-        corrupt = model.run(ds.corrupt, cache="attn_z").cache
-    run = model.run(ds.prompts, cache="attn_z", grad=True)
+def attribution_patching(model, ds, alpha: float = 1.0) -> torch.Tensor:
+    """First-order effect of patching each head's ABC output into the clean run ``[layer, head]``:
+    ``(z_corrupt - z_clean) . dm/dz``, the gradient taken at the clean run (``alpha=1``, the usual
+    attribution patching: that run also gives ``z_clean``) or at the run whose embeddings are
+    ``alpha`` of the way from corrupt to clean (``alpha=0.5``: integrated gradients with one
+    midpoint step, one more forward pass for ``z_clean``)."""
+    both = list(ds.corrupt) + (list(ds.prompts) if alpha != 1.0 else [])
+    with torch.no_grad():  # corrupt (and clean) in one pass
+        cache = model.run(both, cache=["attn_z", ("resid_pre", 0)]).cache
+    n = len(ds)
+    part = lambda key, i: cache[key][i * n:(i + 1) * n]
+    edits = [] if alpha == 1.0 else [patch(("resid_pre", 0), part(("resid_pre", 0), 0).lerp(part(("resid_pre", 0), 1), alpha))]
+    run = model.run(ds.prompts, cache="attn_z", grad=True, edits=edits)
     zs = [run.cache["attn_z", layer] for layer in range(model.n_layers)]
     grads = torch.autograd.grad(ds.metric(run.last_logits), zs)
-    return torch.stack([((corrupt["attn_z", layer] - z.detach()) * g).sum((0, 1, 3))
-                        for layer, (z, g) in enumerate(zip(zs, grads))])
+    clean = [z.detach() for z in zs] if alpha == 1.0 else [part(("attn_z", layer), 1) for layer in range(model.n_layers)]
+    return torch.stack([((part(("attn_z", layer), 0) - c) * g).sum((0, 1, 3))
+                        for layer, (c, g) in enumerate(zip(clean, grads))])
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> tuple[float, int]:
@@ -77,16 +91,19 @@ def main() -> None:
     clean = float(ds.metric(model.logits(ds.prompts)))
     rows = []
 
+    attribution_patching(model, ds.select(slice(0, 2)))  # warm-up
     attr, w_attr, c_attr = timed(lambda: attribution_patching(model, ds))
-    rows.append(("attribution patching (1 fwd+bwd, 1 fwd)", w_attr, c_attr, None))
+    mid, w_mid, c_mid = timed(lambda: attribution_patching(model, ds, alpha=0.5))
     act, w_act, c_act = timed(lambda: patching.sweep(model, ds.corrupt, ds.prompts, "attn_z", ds.metric,
                                                      over="head") - clean)
-    r, shared = agreement(attr, act)
-    rows.append(("activation patching, batched sweep", w_act, c_act, (r, shared)))
+    rows.append(("attribution patching (1 fwd, 1 fwd+bwd)", w_attr, c_attr, agreement(attr, act)))
+    rows.append(("attribution patching at the midpoint (1-step IG: 1 fwd of 2n rows, 1 fwd+bwd)", w_mid, c_mid,
+                 agreement(mid, act)))
+    rows.append(("activation patching, batched sweep", w_act, c_act, None))
     if args.naive:
         naive, w_naive, c_naive = timed(lambda: patching.sweep_naive(model, ds.corrupt, ds.prompts, "attn_z",
                                                                      ds.metric, over="head") - clean)
-        rows.append(("activation patching, one pass per head", w_naive, c_naive, agreement(attr, naive)))
+        rows.append(("activation patching, one pass per head", w_naive, c_naive, None))
         print(f"batched vs naive sweep: max |diff| {float((act - naive).abs().max()):.2e}")
 
     graph = EA.EdgeGraph.of(model)
@@ -99,12 +116,13 @@ def main() -> None:
     print(f"\n{model.name}, {len(ds)} IOI prompts (ABC corruption), {model.n_layers * model.n_heads} heads, "
           f"{graph.n_edges} edges; torch threads {args.threads}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
-    print("| method | wall s | CPU s | wall ratio to attribution | corr. with attribution | top-10 shared |")
-    print("|---|---|---|---|---|---|")
+    print("| method | wall s | CPU s | activation patching's CPU s / this | Pearson r with activation patching | "
+          "top-10 heads shared |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, w, c, agree in rows:
         corr = "" if agree is None else f"{agree[0]:.3f}"
         share = "" if agree is None else f"{agree[1]}/10"
-        print(f"| {name} | {w:.2f} | {c:.2f} | {w / w_attr:.1f}x | {corr} | {share} |")
+        print(f"| {name} | {w:.2f} | {c:.2f} | {c_act / c:.1f}x | {corr} | {share} |")
     print("\n| edge attribution | wall s | CPU s |")
     print("|---|---|---|")
     print(f"| EAP (2 recording passes + 1 fwd/bwd) | {w_eap:.2f} | {c_eap:.2f} |")
