@@ -72,6 +72,12 @@ def test_batching_does_not_change_results(model):
     # positions before the subject are never corrupted: restoring them changes nothing
     for kind in CT.KINDS:
         assert torch.all(a.probs[kind][:, :a.subject[0]] == a.corrupted)
+    # tracing chosen positions gives the same columns and NaN elsewhere
+    c = CT.trace_fact(model, FACT, noise=2.0, n_samples=2, window=2, positions=[a.subject[-1], -1])
+    cols = [a.subject[-1], len(a.tokens) - 1]
+    for kind in CT.KINDS:
+        torch.testing.assert_close(c.probs[kind][:, cols], a.probs[kind][:, cols], rtol=1e-4, atol=1e-6)
+        assert c.probs[kind][:, a.subject[0]].isnan().all()
 
 
 def test_windows_groups_and_averages():

@@ -145,12 +145,16 @@ def restored_probs(model, prompt: str, target: int, subject: list[int], noise: t
 
 
 def trace_fact(model, fact: Fact, *, noise: float, n_samples: int = 5, kinds: Sequence[str] = KINDS,
-               window: int | None = None, seed: int = 0, batch_size: int = 256) -> FactTrace:
-    """Causal tracing of one fact: every kind restored at every (layer, position).
+               window: int | None = None, seed: int = 0, batch_size: int = 256,
+               positions: Sequence[int] | None = None) -> FactTrace:
+    """Causal tracing of one fact: every kind restored at every layer and position.
 
     ``noise``: the noise standard deviation (:func:`noise_scale`). ``window``: layers per
     MLP/attention restoration (default a fifth of the depth, the paper's 10 of 48 layers
-    rounded). Seeded: the same ``seed`` gives the same noise."""
+    rounded). ``positions``: the positions to restore (default every one from the first
+    subject token; negative ones count from the end); the others are NaN, except those
+    before the subject, which hold the corrupted probability (restoring them changes
+    nothing). Seeded: the same ``seed`` gives the same noise."""
     bad = [k for k in kinds if k not in SITES]
     if bad:
         raise ValueError(f"unknown kind {bad[0]!r}; choose from {', '.join(KINDS)}.")
@@ -168,18 +172,22 @@ def trace_fact(model, fact: Fact, *, noise: float, n_samples: int = 5, kinds: Se
     clean = float(clean_run.last_logits.float().softmax(-1)[0, target])
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randn(n_samples, len(subject), model.d_model, generator=gen) * noise
+    todo = range(subject[0], n_pos) if positions is None else sorted({p % n_pos for p in positions})
+    todo = [p for p in todo if p >= subject[0]]
     restorations = [("embed", [], 0)]
     where = []
     for kind in kinds:
         for layer in range(n_layers):
-            for pos in range(subject[0], n_pos):
+            for pos in todo:
                 layers = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
                 restorations.append((SITES[kind], layers, pos))
                 where.append((kind, layer, pos))
     probs = restored_probs(model, fact.prompt, target, subject, draws, restorations, clean_run.cache,
                            batch_size=batch_size)
     corrupted = float(probs[0])
-    out = {k: torch.full((n_layers, n_pos), corrupted) for k in kinds}
+    out = {k: torch.full((n_layers, n_pos), float("nan")) for k in kinds}
+    for k in kinds:
+        out[k][:, :subject[0]] = corrupted
     for (kind, layer, pos), p in zip(where, probs[1:]):
         out[kind][layer, pos] = p
     tokens = [model.tokenizer.decode([int(i)]) for i in clean_run.input_ids[0]]
@@ -222,8 +230,8 @@ def position_groups(trace: FactTrace) -> list[int]:
 
 def average_indirect_effects(traces: Sequence[FactTrace], kind: str) -> torch.Tensor:
     """The average indirect effect ``[n_layers, len(POSITION_GROUPS)]``: each fact's effects
-    averaged within each position group, then over the facts that have that group (NaN
-    where none has it)."""
+    averaged within each position group (over the traced positions), then over the facts
+    that have that group (NaN where none has it)."""
     if not traces:
         raise ValueError("average_indirect_effects needs at least one trace.")
     n_layers = traces[0].probs[kind].shape[0]
@@ -231,8 +239,9 @@ def average_indirect_effects(traces: Sequence[FactTrace], kind: str) -> torch.Te
     count = torch.zeros(len(POSITION_GROUPS))
     for t in traces:
         effect, groups = t.indirect_effect(kind), torch.tensor(position_groups(t))
+        traced = ~effect.isnan().any(0)
         for g in range(len(POSITION_GROUPS)):
-            cols = (groups == g).nonzero()[:, 0]
+            cols = ((groups == g) & traced).nonzero()[:, 0]
             if len(cols):
                 total[:, g] += effect[:, cols].mean(1)
                 count[g] += 1
