@@ -75,6 +75,13 @@ def test_enrichment_and_extraction(model):
     assert torch.all(none == 0)
     rate = K.extraction_rate(model, facts, "mlp_out")
     assert rate.shape == (model.n_layers,) and bool(((rate >= 0) & (rate <= 1)).all())
+    events = K.extraction_events(model, facts, "attn_out")
+    assert events.shape == (2, model.n_layers) and events.dtype == torch.bool
+    # an event is the object as the top token of the update read through the unembedding
+    run = model.run([f.prompt for f in facts], cache=("attn_out", 0))
+    top = model.anatomy.unembed(run.cache["attn_out", 0][:, -1]).argmax(-1)
+    targets = torch.tensor([object_token(model.tokenizer, f.target) for f in facts])
+    assert torch.equal(events[:, 0], top == targets)
     with pytest.raises(ValueError, match="site"):
         K.extraction_rate(model, facts, "resid_post")
     with pytest.raises(ValueError, match="two facts"):

@@ -28,7 +28,7 @@ import torch
 from .facts import Fact, object_token, subject_positions
 
 __all__ = ["check_sources", "knocked_out", "knockout_probs", "relative_change", "knockout_scan",
-           "subject_enrichment", "extraction_rate"]
+           "subject_enrichment", "extraction_events", "extraction_rate"]
 
 
 def check_sources(sources: Sequence[int], n_pos: int) -> list[int]:
@@ -173,22 +173,28 @@ def subject_enrichment(model, facts: Sequence[Fact], attributes: dict[str, set[s
     return own / len(facts), other / len(facts)
 
 
-def extraction_rate(model, facts: Sequence[Fact], site: str = "attn_out", *, batch_size: int = 32) -> torch.Tensor:
-    """Per layer, the fraction of facts whose ``site`` output (``attn_out`` or ``mlp_out``)
-    at the last position, read through the final norm and unembedding, has the object's
-    first token as its top token ``[n_layers]``."""
+def extraction_events(model, facts: Sequence[Fact], site: str = "attn_out", *, batch_size: int = 32) -> torch.Tensor:
+    """``[n_facts, n_layers]`` booleans: whether the layer's ``site`` output (``attn_out``
+    or ``mlp_out``) at the last position, read through the final norm and unembedding, has
+    the fact's object (its first token) as its top token (an *extraction event*)."""
     if site not in ("attn_out", "mlp_out"):
         raise ValueError(f"site must be 'attn_out' or 'mlp_out'; got {site!r}.")
     facts = list(facts)
     if not facts:
-        raise ValueError("extraction_rate needs at least one fact.")
-    hits = torch.zeros(model.n_layers)
+        raise ValueError("extraction needs at least one fact.")
+    rows = []
     for start in range(0, len(facts), batch_size):
         chunk = facts[start:start + batch_size]
         targets = torch.tensor([object_token(model.tokenizer, f.target) for f in chunk])
         with torch.no_grad():
             run = model.run([f.prompt for f in chunk], cache=site)
-            for layer in range(model.n_layers):
-                top = model.anatomy.unembed(run.cache[site, layer][:, -1]).argmax(-1)
-                hits[layer] += (top == targets).sum()
-    return hits / len(facts)
+            tops = torch.stack([model.anatomy.unembed(run.cache[site, layer][:, -1]).argmax(-1)
+                                for layer in range(model.n_layers)], dim=1)
+        rows.append(tops == targets[:, None])
+    return torch.cat(rows)
+
+
+def extraction_rate(model, facts: Sequence[Fact], site: str = "attn_out", *, batch_size: int = 32) -> torch.Tensor:
+    """Per layer, the fraction of facts with an extraction event there ``[n_layers]``
+    (see :func:`extraction_events`)."""
+    return extraction_events(model, facts, site, batch_size=batch_size).float().mean(0)
