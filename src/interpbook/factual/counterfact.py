@@ -45,7 +45,7 @@ class CounterFactCase:
 
     @property
     def request(self) -> rome.EditRequest:
-        """The edit request: the fact's prompt continued by the new object (with its space)."""
+        """The edit request for this case (the fact's prompt, continued by the new object with its space)."""
         return rome.EditRequest(self.fact.prompt, self.fact.subject, " " + self.new_object)
 
 
@@ -98,7 +98,8 @@ def n_gram_entropy(tokens: Sequence, ns: Sequence[int] = (2, 3), weights: Sequen
 
 @torch.no_grad()
 def evaluate_case(model, case: CounterFactCase, *, gen_tokens: int = 16) -> dict:
-    """Efficacy (0/1), paraphrase and neighbourhood scores (fractions of prompts) and
+    """The margin log p(new) - log p(true) on the fact's prompt (first tokens), efficacy
+    (0/1: the margin is positive), paraphrase and neighbourhood scores (fractions of prompts) and
     fluency (n-gram entropy of a greedy ``gen_tokens``-token continuation of the fact's
     prompt; 0 skips it) under the model as it is now (edited or not)."""
     f = case.fact
@@ -108,6 +109,7 @@ def evaluate_case(model, case: CounterFactCase, *, gen_tokens: int = 16) -> dict
     new_wins = (logp[:, new] > logp[:, true]).float()
     n_para = len(f.paraphrases)
     row = {"subject": f.subject, "true": f.target, "new": case.new_object,
+           "margin": float(logp[0, new] - logp[0, true]),
            "efficacy": float(new_wins[0]),
            "paraphrase": float(new_wins[1:1 + n_para].mean()) if n_para else math.nan,
            "neighbourhood": float(1 - new_wins[1 + n_para:].mean())}

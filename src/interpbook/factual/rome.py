@@ -272,9 +272,9 @@ def key_second_moments(model, layers: Sequence[int], *, n_tokens: int = 4096, se
                        batch: int = 8) -> dict[int, torch.Tensor]:
     """``{layer: C}`` with ``C = E[k k^T]`` ``[d_mlp, d_mlp]`` of the down-projection input
     over ``n_tokens`` tokens of :func:`interpbook.corpus.pydoc_passages` (windows of
-    ``seq_len`` starting the way the tokenizer starts a document), every layer from one
-    pass over the text. Cached on disk per model, layers and token count
-    (:func:`interpbook.artifacts.cached`), so a rebuild reads it back.
+    ``seq_len`` starting the way the tokenizer starts a document). Each layer's ``C`` is
+    cached on disk per model, layer and token count (:func:`interpbook.artifacts.cached`);
+    the layers not cached yet are computed together in one pass over the text.
 
     ROME estimates ``C`` from 100,000 Wikipedia samples; a few thousand tokens of Python's
     documentation is what a CPU build affords, so :func:`rank_one_update` adds a small
@@ -282,11 +282,16 @@ def key_second_moments(model, layers: Sequence[int], *, n_tokens: int = 4096, se
     layers = sorted({int(layer) for layer in layers})
     for layer in layers:
         _down_proj(model, layer)
-    spec = {"model": model.name, "layers": layers, "n_tokens": int(n_tokens), "seq_len": int(seq_len),
-            "d_mlp": int(model.d_mlp), "format": 1}
-    saved = artifacts.cached("rome-second-moment", model.name, spec,
-                             lambda: _collect_second_moments(model, layers, n_tokens, seq_len, batch))
-    return {int(k): v for k, v in saved.items()}
+    kind, name = "rome-second-moment", f"{model.name}"
+    specs = {layer: {"model": model.name, "layer": layer, "n_tokens": int(n_tokens), "seq_len": int(seq_len),
+                     "d_mlp": int(model.d_mlp), "format": 2} for layer in layers}
+    missing = [layer for layer in layers if not artifacts.artifact_path(kind, name, specs[layer]).is_file()]
+    fresh = _collect_second_moments(model, missing, n_tokens, seq_len, batch) if missing else {}
+
+    def compute(layer: int) -> torch.Tensor:
+        return fresh[layer] if layer in fresh else _collect_second_moments(model, [layer], n_tokens, seq_len, batch)[layer]
+
+    return {layer: artifacts.cached(kind, name, specs[layer], lambda layer=layer: compute(layer)) for layer in layers}
 
 
 def rank_one_update(model, layer: int, key: torch.Tensor, value: torch.Tensor, C: torch.Tensor, *,
