@@ -36,7 +36,7 @@ from .relations import country_capital
 from .tracing import patch
 
 __all__ = [
-    "ROLES", "BindingDataset", "binding_dataset", "slot_difference", "random_like", "binding_edits",
+    "ROLES", "BindingDataset", "binding_dataset", "run_last", "slot_difference", "random_like", "binding_edits",
     "two_way_correct", "switch_rate", "rotate_keys", "context_cache", "move_cached", "swap_cached",
     "context_and_query", "query_logits", "mean_intervention_verdict", "patch_last_token_by_layer", "OUTCOMES", "lookback_outcomes", "BeliefStories",
     "belief_stories",
@@ -157,10 +157,21 @@ def binding_dataset(model: Model, n: int, *, seed: int = 0, first_query: int = 0
 
 # --- binding-ID mean interventions -----------------------------------------------------------
 
+def run_last(model: Model, prompts, *, edits=(), cache=None) -> tuple:
+    """One forward pass without gradients that computes the unembedding at the last position
+    only (with a large vocabulary most of the cost of a short prompt is the unembedding at
+    every position): ``(logits [batch, vocab], recorded activations)``."""
+    inputs = model.forward_inputs(prompts)
+    tr = model.trace(cache=cache, edits=edits, attention_mask=inputs["attention_mask"])
+    with torch.no_grad(), tr:
+        logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+    return logits, tr.cache
+
+
 def _resid(model: Model, ds: BindingDataset) -> torch.Tensor:
     """resid_pre of every layer, ``[layer, batch, pos, d_model]``."""
     with torch.no_grad():
-        return model.run(ds.prompts, cache="resid_pre").cache.stack("resid_pre")
+        return model.run(ds.prompts, cache="resid_pre", stop_early=True).cache.stack("resid_pre")
 
 
 def slot_difference(model: Model, ds: BindingDataset, kind: str) -> torch.Tensor:
@@ -205,8 +216,7 @@ def two_way_correct(logits: torch.Tensor, ds: BindingDataset) -> torch.Tensor:
 def switch_rate(model: Model, ds: BindingDataset, edits, *, among: torch.Tensor | None = None) -> float:
     """Fraction of prompts whose answer, under ``edits``, is the *other* slot's attribute
     (two-way), among the prompts in the bool mask ``among`` (default: all)."""
-    with torch.no_grad():
-        logits = model.run(ds.prompts, edits=edits).last_logits
+    logits, _ = run_last(model, ds.prompts, edits=edits)
     switched = ~two_way_correct(logits, ds)
     among = torch.ones(len(ds), dtype=torch.bool) if among is None else among
     if not bool(among.any()):

@@ -18,7 +18,7 @@ import inspect
 import torch
 
 from .. import binding as B
-from ..tracing import patch
+from ..tracing import patch, steer
 from . import CheckFailed, CheckResult, as_array, check_close
 
 __all__ = ["check_binding_id_difference", "check_binding_intervention", "check_patch_and_classify",
@@ -30,9 +30,7 @@ def _missing(ex: str, answer: object, what: str) -> None:
         raise CheckFailed(f"{ex}: no {what} yet; replace the `...`")
 
 
-def _reference_difference(model, ds: B.BindingDataset, kind: str) -> torch.Tensor:
-    with torch.no_grad():
-        resid = model.run(ds.prompts, cache="resid_pre").cache.stack("resid_pre")
+def _reference_difference(resid: torch.Tensor, ds: B.BindingDataset, kind: str) -> torch.Tensor:
     return (resid[:, :, ds.positions[kind + "1"]] - resid[:, :, ds.positions[kind + "0"]]).mean(1)
 
 
@@ -42,8 +40,9 @@ def check_binding_id_difference(binding_id_difference, model, ds: B.BindingDatas
     minus the slot-0 token of ``kind`` ("E" or "A")."""
     ex = "Exercise 1a (binding-ID difference)"
     _missing(ex, binding_id_difference, "function")
+    resid = B._resid(model, ds)
     for kind in ("E", "A"):
-        want = _reference_difference(model, ds, kind)
+        want = _reference_difference(resid, ds, kind)
         got = as_array(binding_id_difference(model, ds, kind), f"binding_id_difference(..., {kind!r})")
         if got.shape != tuple(want.shape):
             raise CheckFailed(f"{ex}: expected one vector per layer, shape {tuple(want.shape)}; got {got.shape}.")
@@ -61,23 +60,22 @@ def check_binding_intervention(intervene, model, ds: B.BindingDataset) -> CheckR
     ex = "Exercise 1b (mean intervention)"
     _missing(ex, intervene, "function")
     kind = "E"
-    delta = _reference_difference(model, ds, kind)
-    with torch.no_grad():
-        resid = model.run(ds.prompts, cache="resid_pre").cache.stack("resid_pre")
-        want = model.run(ds.prompts, edits=B.binding_edits(model, ds, resid, kind, delta)).last_logits
-        p0, p1 = ds.positions["E0"], ds.positions["E1"]
-        from ..tracing import steer
-        added = [e for layer in range(model.n_layers)
-                 for e in (steer(("resid_pre", layer), delta[layer], pos=p0),
-                           steer(("resid_pre", layer), -delta[layer], pos=p1))]
-        accumulated = model.run(ds.prompts, edits=added).last_logits
+    resid = B._resid(model, ds)
+    delta = _reference_difference(resid, ds, kind)
+    want, _ = B.run_last(model, ds.prompts, edits=B.binding_edits(model, ds, resid, kind, delta))
     got = torch.as_tensor(as_array(intervene(model, ds, kind, delta.clone()), "intervene's logits"), dtype=torch.float32)
     if got.shape != want.shape:
         raise CheckFailed(f"{ex}: expected last-position logits of shape {tuple(want.shape)}; got {tuple(got.shape)}.")
-    if torch.allclose(got, accumulated, rtol=1e-3, atol=1e-3) and not torch.allclose(want, accumulated, rtol=1e-3, atol=1e-3):
-        raise CheckFailed(f"{ex}: these are the logits of *adding* delta at every layer to the edited stream, so the "
-                          "shifts pile up layer after layer. Set each layer's value to the clean one plus delta[layer] "
-                          "(patch the clean cache plus the shift).")
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+        p0, p1 = ds.positions["E0"], ds.positions["E1"]
+        added = [e for layer in range(model.n_layers)
+                 for e in (steer(("resid_pre", layer), delta[layer], pos=p0),
+                           steer(("resid_pre", layer), -delta[layer], pos=p1))]
+        accumulated, _ = B.run_last(model, ds.prompts, edits=added)
+        if torch.allclose(got, accumulated, rtol=1e-3, atol=1e-3):
+            raise CheckFailed(f"{ex}: these are the logits of *adding* delta at every layer to the edited stream, so "
+                              "the shifts pile up layer after layer. Set each layer's value to the clean one plus "
+                              "delta[layer] (patch the clean cache plus the shift).")
     check_close(ex, got.numpy(), want.numpy(), rtol=1e-3, atol=1e-3)
     switched = float((~B.two_way_correct(want, ds)).float().mean())
     return CheckResult(ex, f"logits match; {switched:.2f} of the prompts answer the other slot's city")
@@ -85,8 +83,8 @@ def check_binding_intervention(intervene, model, ds: B.BindingDataset) -> CheckR
 
 def _reference_outcomes(model, base: B.BindingDataset, cf: B.BindingDataset, layer: int) -> torch.Tensor:
     with torch.no_grad():
-        value = model.run(cf.prompts, cache=("resid_pre", layer)).cache["resid_pre", layer][:, -1].clone()
-        logits = model.run(base.prompts, edits=[patch(("resid_pre", layer), value, pos=-1)]).last_logits
+        value = model.run(cf.prompts, cache=("resid_pre", layer), stop_early=True).cache["resid_pre", layer][:, -1].clone()
+    logits, _ = B.run_last(model, base.prompts, edits=[patch(("resid_pre", layer), value, pos=-1)])
     third = base.attr_ids.gather(1, cf.query[:, None])[:, 0]
     return B.lookback_outcomes(logits, base.answers, cf.answers, third)
 
