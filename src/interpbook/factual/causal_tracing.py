@@ -34,7 +34,7 @@ import torch
 from ..tracing import edit
 from .facts import Fact, object_token, subject_positions
 
-__all__ = ["KINDS", "SITES", "noise_scale", "window_layers", "FactTrace", "trace_fact", "trace_facts",
+__all__ = ["KINDS", "SITES", "noise_scale", "window_layers", "FactTrace", "restored_probs", "trace_fact", "trace_facts",
            "POSITION_GROUPS", "position_groups", "average_indirect_effects"]
 
 #: What can be restored: hidden states, MLP outputs, attention outputs.
