@@ -193,3 +193,19 @@ def test_lookback_outcomes():
     assert codes[0].tolist() == [0, 1, 2, 3]
     assert codes[1].tolist() == [1, 1, 1, 1]
     assert [B.OUTCOMES[c] for c in codes[0]] == ["base", "counterfactual", "third value", "other"]
+
+
+# --- the real model ------------------------------------------------------------------------------
+
+def test_real_model_binding_prompts_line_up_and_the_cache_path_agrees(real_model):
+    """On the book's model: the default names and cities give aligned prompts; reading the
+    question against the context's cache gives the plain forward pass's logits."""
+    ds = B.binding_dataset(real_model, 4, seed=0)
+    ids = real_model.tokenize(ds.prompts)["input_ids"]
+    for role, pos in ds.positions.items():
+        slot = int(role[1])
+        words = [(e if role[0] == "E" else a)[slot] for e, a in zip(ds.entities, ds.attributes)]
+        assert [real_model.tokenizer.decode([int(i)]) for i in ids[:, pos]] == [" " + w for w in words]
+    cache, query = B.context_and_query(real_model, ds)
+    logits, _ = B.run_last(real_model, ds.prompts)
+    torch.testing.assert_close(B.query_logits(real_model, cache, query), logits, rtol=1e-3, atol=1e-3)
