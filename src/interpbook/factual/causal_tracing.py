@@ -37,7 +37,7 @@ from .facts import Fact, object_token, subject_positions
 __all__ = ["KINDS", "SITES", "noise_scale", "window_layers", "FactTrace", "restored_probs", "trace_fact", "trace_facts",
            "POSITION_GROUPS", "position_groups", "average_indirect_effects"]
 
-#: What can be restored: hidden states, MLP outputs, attention outputs.
+#: What can be restored (hidden states, MLP outputs, attention outputs).
 KINDS = ("hidden", "mlp", "attn")
 #: The anatomy site each kind restores.
 SITES = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}

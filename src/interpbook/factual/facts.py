@@ -64,7 +64,7 @@ class Fact:
 
     @property
     def prompt(self) -> str:
-        """The main prompt: the template with the subject filled in."""
+        """The main prompt, the template with the subject filled in."""
         return self.template.format(self.subject)
 
     @property
