@@ -42,7 +42,7 @@ __all__ = [
     "belief_stories",
 ]
 
-#: The token roles of a binding context: entity and attribute of slot 0 and slot 1.
+#: Token roles in a binding context (entity and attribute of slot 0, then of slot 1).
 ROLES = ("E0", "A0", "E1", "A1")
 
 
@@ -195,7 +195,8 @@ def random_like(delta: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def binding_edits(model: Model, ds: BindingDataset, resid: torch.Tensor, kind: str, delta: torch.Tensor):
     """Edits that swap the binding IDs of one kind: at every layer, the slot-0 token's
     residual becomes its clean value plus ``delta[layer]`` and the slot-1 token's its clean
-    value minus ``delta[layer]``. ``resid`` is :func:`_resid` of the same prompts."""
+    value minus ``delta[layer]``. ``resid`` is the clean ``resid_pre`` of every layer of the
+    same prompts, ``[layer, batch, pos, d_model]``."""
     if kind not in ("E", "A"):
         raise ValueError(f"kind is 'E' (entities) or 'A' (attributes); got {kind!r}.")
     if delta.shape != (model.n_layers, model.d_model):
