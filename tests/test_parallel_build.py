@@ -1,14 +1,16 @@
 """``sphinx -j N``: the pages that execute code are spread over Sphinx's reader chunks."""
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sphinx.util.parallel import make_chunks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book" / "_ext"))
-from interpbook_parallel import deal_pages  # noqa: E402
+from interpbook_parallel import create_execution_cache, deal_pages, prepare  # noqa: E402
 
 from interpbook.cli import kernel_threads  # noqa: E402
 
@@ -38,3 +40,28 @@ def test_kernels_share_the_cores(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     kernel_threads(2)
     assert os.environ["OMP_NUM_THREADS"] == "3"     # the user's choice wins
+
+
+def _tables(folder: Path) -> set[str]:
+    with sqlite3.connect(folder / "global.db") as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+@pytest.mark.parametrize("parallel,mode,created", [(2, "cache", True), (1, "cache", False), (2, "off", False)])
+def test_the_execution_cache_exists_before_parallel_readers_start(tmp_path, monkeypatch, parallel, mode, created):
+    """Two reader processes that both find the cache database missing race to create its
+    tables ("table nbproject already exists"): the main process creates it first."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    folder = tmp_path / "cache" / "digest"
+    app = SimpleNamespace(parallel=parallel, config=SimpleNamespace(nb_execution_mode=mode,
+                                                                    nb_execution_cache_path=str(folder)))
+    prepare(app)
+    assert (folder / "global.db").exists() is created
+    if created:
+        assert "nbproject" in _tables(folder)
+
+
+def test_creating_the_execution_cache_is_idempotent(tmp_path):
+    folder = create_execution_cache(tmp_path / "c")
+    again = create_execution_cache(tmp_path / "c")
+    assert folder == again and "nbproject" in _tables(folder)

@@ -5,7 +5,9 @@ and N processes at a time, so a chapter's pages would land in one chunk and stil
 after another. Before reading, this extension deals the pages that execute code
 round-robin over the chunks (the pages without code fill the remaining places), and gives
 every kernel ``cores // N`` threads: two kernels with a thread per core each beat one
-kernel with two, and oversubscribed OpenMP threads wait on each other.
+kernel with two, and oversubscribed OpenMP threads wait on each other. It also creates the
+execution cache's database before the reader processes start: jupyter-cache creates it on
+first use, and two processes that both find it missing race to create the same tables.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from interpbook.cli import kernel_threads
+from jupyter_cache import get_cache
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
 from sphinx.util.parallel import make_chunks
@@ -47,7 +50,20 @@ def reorder(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> None:
         docnames[:] = deal_pages(docnames, executes, app.parallel)
 
 
+def create_execution_cache(path: str | Path) -> Path:
+    """Create the jupyter-cache folder and database at ``path`` if missing (idempotent)."""
+    cache = get_cache(path)
+    cache.db  # noqa: B018 (creates the tables on first access)
+    return cache.path
+
+
+def prepare(app: Sphinx) -> None:
+    kernel_threads(app.parallel)
+    if app.parallel > 1 and app.config.nb_execution_mode == "cache":
+        create_execution_cache(app.config.nb_execution_cache_path)
+
+
 def setup(app: Sphinx) -> dict:
-    app.connect("builder-inited", lambda app: kernel_threads(app.parallel))
+    app.connect("builder-inited", prepare)
     app.connect("env-before-read-docs", reorder)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
