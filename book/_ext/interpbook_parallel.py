@@ -59,7 +59,7 @@ def create_execution_cache(path: str | Path) -> Path:
 
 def prepare(app: Sphinx) -> None:
     kernel_threads(app.parallel)
-    if app.parallel > 1 and app.config.nb_execution_mode == "cache":
+    if app.parallel > 1 and getattr(app.config, "nb_execution_mode", None) == "cache":
         create_execution_cache(app.config.nb_execution_cache_path)
 
 
