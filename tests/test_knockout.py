@@ -5,18 +5,7 @@ import torch
 
 from interpbook.factual import knockout as K
 from interpbook.factual.facts import Fact, object_token
-from test_causal_tracing import CharTokenizer
-from tiny_models import tiny_model
-
-FAMILIES = ["llama", "gemma3", "gpt2", "neox"]
-FACT = Fact("abc", "toy", "xy {} de", "q")
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def model(request):
-    m = tiny_model(request.param)
-    m.tokenizer = CharTokenizer()
-    return m
+from test_causal_tracing import FACT, model  # noqa: F401  (the tiny models with a character tokenizer)
 
 
 def test_knocking_out_nothing_is_the_identity(model):
