@@ -1,17 +1,30 @@
 """Executing pages in parallel: ``sphinx -j N`` runs N page kernels at once.
 
-Sphinx reads the documents in contiguous chunks of its sorted list, one process per chunk
-and N processes at a time, so a chapter's pages would land in one chunk and still run one
-after another. Before reading, this extension deals the pages that execute code
-round-robin over the chunks (the pages without code fill the remaining places), and gives
-every kernel ``cores // N`` threads: two kernels with a thread per core each beat one
-kernel with two, and oversubscribed OpenMP threads wait on each other. It also creates the
-execution cache's database before the reader processes start: jupyter-cache creates it on
-first use, and two processes that both find it missing race to create the same tables.
+Sphinx reads the documents in contiguous chunks of its sorted list (``make_chunks``), and
+a pool of N processes reads the chunks, each chunk's pages one after another. Sorted by
+name, a chapter's slow pages share a chunk, and the build waits at the end for the one
+process still running them. Before reading, this extension rearranges the pages so that
+the processes finish together:
+
+* a page's expected seconds come from the execution cache (the last time it ran, for
+  this model) or else from ``page_seconds.json`` beside this file (measured on a cold
+  SmolLM2 build; ``bench/page_seconds.py`` rewrites it); a page in neither costs the
+  median of the known ones, and pages without code cost nothing;
+* each chunk gets a target time from a simulation of the pool (a process that will read
+  more chunks gets smaller ones), and the pages are placed longest first, each into the
+  chunk furthest below its target that still has room (chunk sizes stay as Sphinx made
+  them).
+
+It also gives every kernel ``cores // N`` threads (two kernels with a thread per core each
+beat one kernel with two; oversubscribed OpenMP threads wait on each other), and creates
+the execution cache's database before the reader processes start: jupyter-cache creates
+it on first use, and two processes that both find it missing race to create its tables.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 from interpbook.cli import kernel_threads
@@ -20,34 +33,86 @@ from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
 from sphinx.util.parallel import make_chunks
 
+MEASURED = Path(__file__).with_name("page_seconds.json")
+
 
 def executes_code(path: Path) -> bool:
     """Whether a page has code cells (a MyST notebook)."""
     return path.suffix == ".md" and "```{code-cell}" in path.read_text(encoding="utf-8")
 
 
-def deal_pages(docnames: list[str], executes: set[str], nproc: int) -> list[str]:
-    """``docnames`` reordered so that Sphinx's chunks (``make_chunks``) each get every
-    n-th executing page, in the original order; a permutation of ``docnames``."""
+def dispatch_order(n_chunks: int, nproc: int) -> list[int]:
+    """The order in which Sphinx's process pool starts the chunks: the first ``nproc`` at
+    once, then, as processes finish, the waiting ones last-queued first
+    (``ParallelTasks`` pops its waiting dict, which is last in, first out)."""
+    first = list(range(min(nproc, n_chunks)))
+    return first + list(range(n_chunks - 1, len(first) - 1, -1))
+
+
+def chunk_targets(n_chunks: int, nproc: int, total: float) -> list[float]:
+    """Seconds each chunk should carry so that all processes finish together: a process
+    that will run more chunks gets smaller ones, so it frees up first and takes the next."""
+    many, extra = divmod(n_chunks, nproc)
+    per_chunk = [total / nproc / (many + (w < extra)) for w in range(min(nproc, n_chunks))]
+    targets, free = [0.0] * n_chunks, [0.0] * len(per_chunk)
+    for chunk in dispatch_order(n_chunks, nproc):
+        worker = free.index(min(free))
+        targets[chunk] = per_chunk[worker]
+        free[worker] += per_chunk[worker]
+    return targets
+
+
+def balance_pages(docnames: list[str], seconds: dict[str, float], nproc: int) -> list[str]:
+    """``docnames`` reordered so that the processes reading Sphinx's chunks
+    (``make_chunks``) all finish at about the same time, given each page's expected
+    ``seconds`` (pages missing from it cost nothing); a permutation of ``docnames``."""
     sizes = [len(chunk) for chunk in make_chunks(docnames, nproc)]
+    costly = sorted((d for d in docnames if seconds.get(d, 0) > 0), key=lambda d: -seconds[d])
+    deficit = chunk_targets(len(sizes), nproc, sum(seconds[d] for d in costly))
     buckets: list[list[str]] = [[] for _ in sizes]
-    code = [d for d in docnames if d in executes]
-    turn = 0
-    for doc in code:
-        while len(buckets[turn % len(sizes)]) >= sizes[turn % len(sizes)]:
-            turn += 1
-        buckets[turn % len(sizes)].append(doc)
-        turn += 1
-    rest = iter(d for d in docnames if d not in executes)
+    for doc in costly:
+        best = max((i for i, b in enumerate(buckets) if len(b) < sizes[i]), key=lambda i: (deficit[i], -i))
+        buckets[best].append(doc)
+        deficit[best] -= seconds[doc]
+    rest = iter(d for d in docnames if seconds.get(d, 0) <= 0)
     for bucket, size in zip(buckets, sizes):
         bucket += [next(rest) for _ in range(size - len(bucket))]
     return [doc for bucket in buckets for doc in bucket]
 
 
+def cached_seconds(cache_path: str | Path, srcdir: Path) -> dict[str, float]:
+    """Each page's execution seconds in its latest run recorded in a jupyter-cache
+    folder, by docname (empty when there is no cache yet)."""
+    if not (Path(cache_path) / "global.db").is_file():
+        return {}
+    found: dict[str, tuple] = {}
+    for record in get_cache(cache_path).list_cache_records():
+        secs = (record.data or {}).get("execution_seconds")
+        path = Path(record.uri)
+        if secs is None or not path.is_relative_to(srcdir):
+            continue
+        doc = path.relative_to(srcdir).with_suffix("").as_posix()
+        if doc not in found or record.created > found[doc][0]:
+            found[doc] = (record.created, float(secs))
+    return {doc: secs for doc, (_, secs) in found.items()}
+
+
+def expected_seconds(executing: list[str], cached: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
+    """Expected seconds for each executing page: cached, else measured, else the median
+    of the known ones (1 when nothing is known, which balances by count)."""
+    known = [cached.get(d, measured.get(d)) for d in executing]
+    default = statistics.median([k for k in known if k is not None] or [1.0])
+    return {d: (k if k is not None else default) for d, k in zip(executing, known)}
+
+
 def reorder(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> None:
-    if app.parallel > 1 and len(docnames) > 1:
-        executes = {d for d in docnames if executes_code(Path(env.doc2path(d)))}
-        docnames[:] = deal_pages(docnames, executes, app.parallel)
+    if app.parallel <= 1 or len(docnames) <= 1:
+        return
+    executing = [d for d in docnames if executes_code(Path(env.doc2path(d)))]
+    cache = getattr(app.config, "nb_execution_cache_path", None)
+    cached = cached_seconds(cache, Path(app.srcdir)) if cache else {}
+    measured = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    docnames[:] = balance_pages(docnames, expected_seconds(executing, cached, measured), app.parallel)
 
 
 def create_execution_cache(path: str | Path) -> Path:

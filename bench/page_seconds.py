@@ -1,0 +1,34 @@
+"""Rewrite ``book/_ext/page_seconds.json``: each page's execution seconds in a build's cache.
+
+The parallel build (``book/_ext/interpbook_parallel.py``) uses these times to balance a
+cold build's pages over its processes. Refresh them after a cold SmolLM2 build with
+``sphinx -j 2`` (the times are for a page at one thread while another page runs)::
+
+    .venv/bin/python bench/page_seconds.py _build/.jupyter_cache/<digest>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BOOK = Path(__file__).resolve().parents[1] / "book"
+sys.path.insert(0, str(BOOK / "_ext"))
+from interpbook_parallel import MEASURED, cached_seconds  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache", type=Path, help="a jupyter-cache folder (the one holding global.db)")
+    args = parser.parse_args()
+    seconds = cached_seconds(args.cache, BOOK)
+    if not seconds:
+        sys.exit(f"{args.cache} holds no executed pages of {BOOK} (is it a jupyter-cache folder of this checkout?)")
+    MEASURED.write_text(json.dumps({d: round(s, 1) for d, s in sorted(seconds.items())}, indent=1) + "\n")
+    print(f"{len(seconds)} pages, {sum(seconds.values()):.0f} s in all -> {MEASURED}")
+
+
+if __name__ == "__main__":
+    main()
