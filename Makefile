@@ -66,7 +66,7 @@ export: $(VENV)/.installed-book
 	@test -n "$(CH)" || { echo "usage: make export CH=01-introduction"; exit 2; }
 	$(BIN)/interpbook export $(CH)
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-book
 	$(BIN)/python bench/tracing.py
 
 clean:

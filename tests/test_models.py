@@ -82,6 +82,48 @@ def test_device_map_passes_through_to_accelerate():
     assert m.device.type == "cpu" and m.logits("Hello").shape == (1, m.d_vocab)
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("INTERPBOOK_DEVICE", "gpu", r"Unknown device INTERPBOOK_DEVICE='gpu' \(environment variable\)"),
+    ("INTERPBOOK_DEVICE", "meta", "holds no weights"),
+    ("INTERPBOOK_DEVICE_MAP", "everywhere", r"Unknown device map INTERPBOOK_DEVICE_MAP='everywhere'.*auto"),
+    ("INTERPBOOK_DTYPE", "float8", r"Unknown dtype INTERPBOOK_DTYPE='float8'.*bfloat16"),
+])
+def test_bad_device_settings_fail_before_loading(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(models, "_source", lambda name: pytest.fail("loaded a model despite a bad setting"))
+    with pytest.raises(ValueError, match=message):
+        ib.load_model()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_absent_accelerator_is_named():
+    with pytest.raises(ValueError, match="no cuda device"):
+        models.resolve_device("cuda")
+
+
+def test_device_and_device_map_together_are_refused():
+    with pytest.raises(ValueError, match="not both"):
+        ib.load_model(device="cpu", device_map="auto")
+
+
+def test_device_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("INTERPBOOK_DEVICE", "cpu")
+    monkeypatch.setenv("INTERPBOOK_DTYPE", "bfloat16")
+    m = ib.load_model()
+    assert m.device == torch.device("cpu") and m.hf.dtype == torch.bfloat16
+    assert m.logits(PROMPT).dtype == torch.bfloat16
+    from transformers import AutoModelForCausalLM
+
+    seen, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+    monkeypatch.setenv("INTERPBOOK_DEVICE_MAP", "auto")
+    monkeypatch.delenv("INTERPBOOK_DTYPE")
+    assert ib.load_model().hf.dtype == torch.float32
+    ib.load_model(device="cpu")  # a device given in code wins over the environment's map
+    assert [kw["device_map"] for kw in seen] == ["auto", None]
+
+
 def test_incomplete_cache_is_never_trusted(tmp_path):
     target = tmp_path / "m"
     target.mkdir()

