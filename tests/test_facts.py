@@ -48,9 +48,11 @@ def test_known_values_and_loader_errors():
     assert {(f.subject, f.target) for f in F.country_capital()} >= {("France", "Paris")}
     assert dict((f.subject, f.target) for f in F.country_continent())["Japan"] == "Asia"
     assert dict((f.subject, f.target) for f in F.us_city_state())["Chicago"] == "Illinois"
+    symbols = dict((f.subject, f.target) for f in F.element_symbol())
+    assert len(symbols) == 118 and symbols["Iron"] == "Fe" and symbols["Oganesson"] == "Og"
     assert len(F.load_facts()) == sum(len(F.load_facts(r)) for r in F.FACT_RELATIONS)
-    with pytest.raises(KeyError, match="element_symbol.*available"):
-        F.load_facts("element_symbol")
+    with pytest.raises(KeyError, match="element_symbols.*available.*element_symbol"):
+        F.load_facts("element_symbols")
 
 
 def test_fact_rejects_bad_templates():

