@@ -62,7 +62,7 @@ def attribution_patching(model, ds, alpha: float = 1.0) -> torch.Tensor:
     n = len(ds)
     part = lambda key, i: cache[key][i * n:(i + 1) * n]
     edits = [] if alpha == 1.0 else [patch(("resid_pre", 0), part(("resid_pre", 0), 0).lerp(part(("resid_pre", 0), 1), alpha))]
-    run = model.run(ds.prompts, cache="attn_z", grad=True, edits=edits)
+    run = model.run(ds.prompts, cache="attn_z", grad=True, edits=edits, last_only=True)
     zs = [run.cache["attn_z", layer] for layer in range(model.n_layers)]
     grads = torch.autograd.grad(ds.metric(run.last_logits), zs)
     clean = [z.detach() for z in zs] if alpha == 1.0 else [part(("attn_z", layer), 1) for layer in range(model.n_layers)]

@@ -282,3 +282,18 @@ def test_trace_with_grad_gives_grads_in_a_block_you_run(model):
         logits = model.hf(input_ids=ids).logits
     gz, gr = torch.autograd.grad(_metric(logits), [tr.cache["attn_z", 0], tr.cache["resid_pre", 2]])
     assert gz.shape == tr.cache["attn_z", 0].shape and gz.abs().sum() > 0 and gr.abs().sum() > 0
+
+
+def test_last_only_unembeds_just_the_last_position(model):
+    """``Model.logits``, ``run(last_only=True)`` and ``forward_last`` give the full pass's
+    last-position logits while unembedding one position."""
+    prompts = random_ids()
+    full = model.run(prompts)
+    last = model.run(prompts, last_only=True, cache=[("resid_post", 0)])
+    assert last.logits.shape == (2, 1, full.logits.shape[-1])
+    torch.testing.assert_close(last.last_logits, full.last_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.logits(prompts), full.last_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_last(model.forward_inputs(prompts)), full.last_logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert ("resid_post", 0) in last.cache

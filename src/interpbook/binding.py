@@ -161,11 +161,8 @@ def run_last(model: Model, prompts, *, edits=(), cache=None) -> tuple:
     """One forward pass without gradients that computes the unembedding at the last position
     only (with a large vocabulary most of the cost of a short prompt is the unembedding at
     every position): ``(logits [batch, vocab], recorded activations)``."""
-    inputs = model.forward_inputs(prompts)
-    tr = model.trace(cache=cache, edits=edits, attention_mask=inputs["attention_mask"])
-    with torch.no_grad(), tr:
-        logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-    return logits, tr.cache
+    run = model.run(prompts, cache=cache, edits=edits, last_only=True)
+    return run.last_logits, run.cache
 
 
 def _resid(model: Model, ds: BindingDataset) -> torch.Tensor:
@@ -366,7 +363,7 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
                        rows=slice(i * b, (i + 1) * b)) for i, layer in enumerate(layers)]
         inputs = {k: v.repeat(len(layers), 1) for k, v in enc.items()}
         with torch.no_grad(), model.trace(edits=edits):
-            logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits = model.forward_last(inputs)
         out.append(logits.view(len(layers), b, -1))
     return torch.cat(out)
 

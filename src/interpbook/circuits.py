@@ -284,18 +284,10 @@ def direct_effects(model: Model, ds: IOIDataset) -> torch.Tensor:
     return (effects - clean_ld) / clean_ld
 
 
-def _last_logits(model: Model, prompts, edits=()) -> torch.Tensor:
-    """Last-position logits ``[batch, vocab]`` of one (edited) forward pass; the unembedding
-    runs on the last position only (Gemma's vocabulary is large)."""
-    inputs = model.forward_inputs(prompts)
-    with torch.no_grad(), model.trace(edits=edits, attention_mask=inputs["attention_mask"]):
-        return model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-
-
 def logit_diffs(model: Model, ds: IOIDataset, *, corrupted: bool = False) -> torch.Tensor:
     """Each prompt's IO minus S logit difference ``[n]``, on the clean prompts or (with
     ``corrupted``) on their ABC versions (still IO minus S of the clean prompt)."""
-    logits = _last_logits(model, ds.corrupt if corrupted else ds.prompts)
+    logits = model.logits(ds.corrupt if corrupted else ds.prompts)
     return logit_diff(logits, ds.answers, ds.wrong)
 
 
@@ -352,7 +344,7 @@ def path_patch(model: Model, ds: IOIDataset, senders: Sequence[Head], receivers:
             p = slice(None) if pos is None else pos
             edits = [patch((site, l), rec[site, l][:, p, hs].clone(), pos=p, head=hs)
                      for l, hs in by_layer.items()]
-            logits = _last_logits(model, big, edits)
+            logits = model.logits(big, edits=edits)
         for c, part in enumerate(logits.split(n)):
             out[start + c] = float(ds.metric(part))
     return (out - clean_ld) / clean_ld
@@ -429,7 +421,7 @@ def circuit_logit_diffs(model: Model, ds: IOIDataset, circuits: Sequence[Sequenc
         k = keep[start:start + copies]
         big = {key: v.repeat(k.shape[0], 1) for key, v in enc.items()}
         with torch.no_grad():
-            logits = _last_logits(model, big, _ablation_edits(model, k, means))
+            logits = model.logits(big, edits=_ablation_edits(model, k, means))
         out += [float(ds.metric(part)) for part in logits.split(n)]
     return torch.tensor(out)
 

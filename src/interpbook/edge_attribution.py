@@ -246,10 +246,6 @@ class _EdgeHooks:
         return None
 
 
-def _last_logits(model: Model, inputs: dict) -> torch.Tensor:
-    return model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-
-
 def _inputs(model: Model, prompts: Prompts, copies: int = 1) -> dict:
     enc = model.forward_inputs(prompts)
     return {k: v.repeat(copies, 1) for k, v in enc.items()}
@@ -261,7 +257,7 @@ def sender_outputs(model: Model, prompts: Prompts, graph: EdgeGraph | None = Non
     graph = graph or EdgeGraph.of(model)
     hooks = _EdgeHooks(model, graph, lambda r, x: None, record=True)
     with torch.no_grad(), hooks:
-        model.hf(**model.forward_inputs(prompts), use_cache=False, logits_to_keep=1)
+        model.forward_last(model.forward_inputs(prompts))
     return hooks.out
 
 
@@ -311,7 +307,7 @@ def edge_attribution(model: Model, clean: Prompts, corrupt: Prompts, metric: Met
         embed = None if alpha == 1.0 else (lambda x, t=alpha: e_corrupt + t * (e_clean - e_corrupt))
         hooks = _EdgeHooks(model, graph, delta, record=False, embed_fn=embed)
         with torch.enable_grad(), hooks:
-            value = metric(_last_logits(model, enc_clean))
+            value = metric(model.forward_last(enc_clean))
             g = torch.autograd.grad(value, [leaf for _, leaf in leaves], allow_unused=True)
         if total is None:
             total = [torch.zeros_like(leaf) for _, leaf in leaves]
@@ -373,6 +369,6 @@ def circuit_metrics(model: Model, clean: Prompts, corrupt: Prompts, circuits: to
 
         hooks = _EdgeHooks(model, graph, delta, record=True)
         with torch.no_grad(), hooks:
-            logits = _last_logits(model, _inputs(model, enc_clean, c))
+            logits = model.forward_last(_inputs(model, enc_clean, c))
         out += [float(metric(part)) for part in logits.split(n)]
     return torch.tensor(out)

@@ -161,8 +161,11 @@ class Model:
         return {**enc, "position_ids": positions}
 
     def run(self, prompts: Prompts, *, cache: SiteSpec | None = None, edits: Sequence[Edit] = (),
-            stop_early: bool = False, grad: bool = False) -> Run:
+            stop_early: bool = False, grad: bool = False, last_only: bool = False) -> Run:
         """One forward pass: record ``cache`` sites, apply ``edits``, return a :class:`Run`.
+        With ``last_only``, only the last position is unembedded (``logits`` is
+        ``[batch, 1, vocab]``): all a next-token metric needs, and much cheaper with a
+        large vocabulary.
 
         ``model.run("The Eiffel Tower is in", cache="resid_post").cache["resid_post", 5]``
         """
@@ -171,13 +174,20 @@ class Model:
                         attention_mask=inputs["attention_mask"])
         logits = None
         with torch.set_grad_enabled(grad), tr:
-            logits = self.hf(**inputs, use_cache=False).logits
+            logits = self.hf(**inputs, use_cache=False, logits_to_keep=1 if last_only else 0).logits
         remember_source(tr.cache, inputs["attention_mask"])
         return Run(logits, tr.cache, inputs["input_ids"], inputs["attention_mask"])
 
     def logits(self, prompts: Prompts, **kwargs) -> torch.Tensor:
-        """Next-token logits at the last position ``[batch, vocab]``."""
-        return self.run(prompts, **kwargs).last_logits
+        """Next-token logits at the last position ``[batch, vocab]`` (only that position is
+        unembedded)."""
+        return self.run(prompts, last_only=True, **kwargs).last_logits
+
+    def forward_last(self, inputs: dict) -> torch.Tensor:
+        """Last-position logits ``[batch, vocab]`` of one forward pass on ready ``inputs``
+        (``forward_inputs``, maybe repeated), under whatever trace or mask edit the caller
+        has entered."""
+        return self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
 
     def generate(self, prompt: str, max_new_tokens: int = 20, *, edits: Sequence[Edit] = (),
                  do_sample: bool = False, temperature: float = 1.0, seed: int | None = 0) -> str:

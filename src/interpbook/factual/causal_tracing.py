@@ -138,7 +138,7 @@ def restored_probs(model, prompt: str, target: int, subject: list[int], noise: t
         edits = [edit("embed", corrupt)] + [edit(key, _restore_fn(clean_cache[key], r, p))
                                             for key, (r, p) in plan.items()]
         with torch.no_grad(), model.trace(edits=edits):
-            logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits = model.forward_last(inputs)
         prob = logits.float().softmax(-1)[:, target]
         out.append(prob.view(len(chunk), n_samples).mean(1))
     return torch.cat(out)

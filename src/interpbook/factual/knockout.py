@@ -107,7 +107,7 @@ def knockout_probs(model, prompt: str, target: int, blocks: Sequence[tuple[Seque
         chunk = blocks[start:start + batch_size]
         inputs = {k: v.repeat(len(chunk), 1) for k, v in enc.items()}
         with torch.no_grad(), knocked_out(model, chunk, n_pos):
-            logits = model.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits = model.forward_last(inputs)
         out.append(logits.float().softmax(-1)[:, target])
     return torch.cat(out)
 
