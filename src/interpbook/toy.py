@@ -1,0 +1,370 @@
+"""Tiny attention-only transformers trained on a synthetic in-context task (book chapter 12).
+
+No training checkpoints of a pretrained language model exist offline, so Week 12 trains its
+own small models on the CPU and watches circuits form. This module has the three pieces:
+
+* **The task** (:class:`ICLTask`): in-context classification in the style of Singh et al.
+  (2024). A sequence holds ``n_pairs`` exemplar-label pairs ``x1 y1 x2 y2 ... xq``; the query
+  ``xq`` repeats one of the exemplars and the model must output that exemplar's label. Labels
+  are re-assigned at random in every sequence, so no item-to-label mapping can be memorised:
+  only looking the label up in context (an induction circuit) solves it.
+* **The model** (:func:`attention_only_model`): a Hugging Face GPT-2 with tiny sizes whose
+  MLPs are switched off (weights zero and frozen), wrapped as an
+  :class:`interpbook.Model`, so every site, hook and head tool of the book works on it.
+* **Training with checkpoints** (:func:`train_icl`): seeded AdamW, per-step loss, and at
+  every checkpoint the held-out accuracy, the heads' previous-token and label-match scores
+  and the weights. Runs are cached on disk (:func:`interpbook.artifacts.cached`), keyed on
+  the full :class:`TrainSpec`. A spec can *clamp* a sub-circuit to its ideal during
+  training (:data:`CLAMPS`), the "artificial optogenetics" of Singh et al.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .artifacts import cached
+from .heads import previous_token_score
+from .lm import Model
+from .tracing import edit
+
+__all__ = [
+    "ICLTask", "ToyTokenizer", "attention_only_model", "TrainSpec", "CLAMPS", "clamped",
+    "label_attention", "evaluate", "train_icl", "load_checkpoint", "steps_to", "mean_ablate_heads",
+]
+
+#: The sub-circuits a :class:`TrainSpec` can clamp to their ideal during training:
+#: ``"prev"`` fixes the first layer's clamp head to attend to the previous token,
+#: ``"match"`` fixes the second layer's clamp head to attend, from the query, to the label of
+#: the matching exemplar, ``"copy"`` replaces that head's output at the query by an ideal copy
+#: (the unembedding direction of each token it attends to, weighted by its attention).
+CLAMPS = ("prev", "match", "copy")
+
+
+# --- the task ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ICLTask:
+    """In-context classification: ``n_pairs`` (item, label) pairs, then a query item.
+
+    Token ids: 0 is padding, ``1..n_items`` are items, the next ``n_labels`` ids are labels.
+    """
+
+    n_pairs: int = 4
+    n_items: int = 64
+    n_labels: int = 16
+
+    def __post_init__(self):
+        if self.n_pairs < 1 or self.n_items < self.n_pairs or self.n_labels < self.n_pairs:
+            raise ValueError(f"An ICLTask needs n_pairs >= 1 distinct items and labels per sequence: "
+                             f"n_items ({self.n_items}) and n_labels ({self.n_labels}) must be at least "
+                             f"n_pairs ({self.n_pairs}).")
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.n_items + self.n_labels
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.n_pairs + 1
+
+    @property
+    def label_ids(self) -> torch.Tensor:
+        """The token ids of all labels ``[n_labels]``."""
+        return torch.arange(1 + self.n_items, self.vocab_size)
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``n`` sequences: ``ids [n, seq_len]``, the answer ``target [n]`` and ``label_pos [n]``,
+        the position of the matching exemplar's label (where an ideal induction head looks)."""
+        items = torch.rand(n, self.n_items, generator=generator).argsort(-1)[:, :self.n_pairs] + 1
+        labels = torch.rand(n, self.n_labels, generator=generator).argsort(-1)[:, :self.n_pairs] + 1 + self.n_items
+        which = torch.randint(0, self.n_pairs, (n,), generator=generator)
+        ids = torch.empty(n, self.seq_len, dtype=torch.long)
+        ids[:, 0:-1:2], ids[:, 1:-1:2] = items, labels
+        rows = torch.arange(n)
+        ids[:, -1] = items[rows, which]
+        return {"ids": ids, "target": labels[rows, which], "label_pos": 2 * which + 1}
+
+    def token_name(self, i: int) -> str:
+        """``x3`` for item 3, ``y7`` for label 7, ``<pad>`` for 0."""
+        if i == 0:
+            return "<pad>"
+        return f"x{i - 1}" if i <= self.n_items else f"y{i - 1 - self.n_items}"
+
+
+class ToyTokenizer:
+    """Just enough of a tokenizer for :class:`interpbook.Model` on integer token ids: padding
+    and readable names (:meth:`ICLTask.token_name`) for ``decode``; no text encoding."""
+
+    pad_token = eos_token = "<pad>"
+    pad_token_id = eos_token_id = 0
+    bos_token_id = None
+    padding_side = "left"
+    chat_template = None
+
+    def __init__(self, task: ICLTask):
+        self.task = task
+
+    def decode(self, ids, **_) -> str:
+        return " ".join(self.task.token_name(int(i)) for i in torch.as_tensor(ids).flatten())
+
+    def __call__(self, *_, **__):
+        raise TypeError("The toy model reads token ids, not text: pass a tensor of ids (e.g. ICLTask.sample).")
+
+
+# --- the model -----------------------------------------------------------------------------
+def attention_only_model(task: ICLTask, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                         seed: int = 0) -> Model:
+    """A freshly initialised attention-only transformer for ``task``, as an :class:`interpbook.Model`.
+
+    It is a Hugging Face GPT-2 (LayerNorm, learned absolute positions, untied unembedding)
+    whose MLPs are zero and frozen: every block adds attention only, and the
+    book's anatomy, tracing and head tools apply unchanged. Initialised from ``seed`` without
+    touching the global random state.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}).")
+    cfg = GPT2Config(vocab_size=task.vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=1,
+                     n_positions=task.seq_len, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, pad_token_id=0, bos_token_id=None, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = GPT2LMHeadModel(cfg)
+    hf.config._attn_implementation = "eager"
+    for block in hf.transformer.h:
+        for p in block.mlp.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+    hf.eval()
+    return Model(hf, ToyTokenizer(task), name=f"toy-{n_layers}L-d{d_model}-h{n_heads}-s{seed}")
+
+
+def label_attention(pattern: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
+    """Attention from the query (last position) to the matching exemplar's label ``[head]``.
+
+    ``pattern [batch, head, q, k]``; an ideal induction ("match") head scores 1."""
+    rows = torch.arange(pattern.shape[0], device=pattern.device)
+    return pattern[rows, :, -1, label_pos.to(pattern.device)].mean(0)
+
+
+# --- clamping ("artificial optogenetics") ---------------------------------------------------
+@contextmanager
+def clamped(model: Model, kind: str | None, batch: dict[str, torch.Tensor], *, head: int = 0) -> Iterator[None]:
+    """Forward passes on ``batch`` inside the block run with sub-circuit ``kind`` (one of
+    :data:`CLAMPS`, or None for nothing) fixed to its ideal in head ``head``.
+
+    A pattern clamp replaces the head's output before the output projection by
+    ``ideal_pattern @ v`` (values carry no rotary embedding, so that is exactly the head with
+    its pattern fixed); the head's own query-key weights then get no gradient. The copy clamp
+    zeroes the head's output at the query and adds ``sum_k A[q, k] * sqrt(d) * u(token_k)``,
+    with ``u`` the unit unembedding direction of the attended token, so the pattern still has
+    to be learned but whatever it attends to is copied perfectly."""
+    if kind is None:
+        yield
+        return
+    if kind not in CLAMPS:
+        raise ValueError(f"Unknown clamp {kind!r}; choose one of {', '.join(CLAMPS)} or None.")
+    a = model.anatomy
+    layer = 0 if kind == "prev" else a.n_layers - 1
+    if not 0 <= head < a.n_heads:
+        raise IndexError(f"Clamp head {head} is out of range: the model has {a.n_heads} heads per layer.")
+    ids, label_pos = batch["ids"], batch["label_pos"]
+    n, T = ids.shape
+    hooks, store = [], {}
+
+    v_point = a.qkv_point("v", layer)
+
+    def keep_v(module, args, out):
+        store["v"] = v_point.read(out)[:, :, head]
+
+    def ideal_pattern() -> torch.Tensor:
+        if kind == "prev":
+            prev = torch.zeros(T, T)
+            prev[0, 0] = 1.0                                   # the first token can only see itself
+            prev[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+            return prev.expand(n, T, T)
+        return torch.nn.functional.one_hot(label_pos, T).float()[:, None, :]   # query row only
+
+    def set_z(module, args):
+        z = args[0].view(n, T, a.n_heads, a.d_head).clone()
+        if kind == "copy":
+            z[:, -1, head] = 0.0
+        elif kind == "prev":
+            z[:, :, head] = ideal_pattern() @ store["v"]
+        else:
+            z[:, -1:, head] = ideal_pattern() @ store["v"]
+        return (z.view(args[0].shape),) + tuple(args[1:])
+
+    def add_copy(module, args, out):
+        attn_out, weights = out[0], out[1]
+        u = a.W_U.detach().T[ids]                                  # [n, T, d_model]
+        u = u / u.norm(dim=-1, keepdim=True) * a.d_model ** 0.5
+        ideal = (weights[:, head, -1, :, None] * u).sum(1)         # [n, d_model]
+        attn_out = attn_out.clone()
+        attn_out[:, -1] = attn_out[:, -1] + ideal
+        return (attn_out,) + tuple(out[1:])
+
+    try:
+        if kind == "copy":
+            hooks.append(a.o_proj(layer).register_forward_pre_hook(set_z))
+            hooks.append(a.attn(layer).register_forward_hook(add_copy))
+        else:
+            hooks.append(v_point.module.register_forward_hook(keep_v))
+            hooks.append(a.o_proj(layer).register_forward_pre_hook(set_z))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# --- training ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a training run depends on (the cache key). ``clamp`` is one of
+    :data:`CLAMPS` or None; ``eval_every`` is the checkpoint interval in steps."""
+
+    task: ICLTask = field(default_factory=ICLTask)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    steps: int = 1200
+    batch: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    clamp: str | None = None
+    eval_every: int = 25
+    n_eval: int = 512
+
+    def __post_init__(self):
+        if self.clamp is not None and self.clamp not in CLAMPS:
+            raise ValueError(f"Unknown clamp {self.clamp!r}; choose one of {', '.join(CLAMPS)} or None.")
+        if self.n_layers < 2 and self.clamp in ("match", "copy"):
+            raise ValueError("Match and copy clamps act on the last layer's head, which needs a layer "
+                             "before it for the previous-token head: use n_layers >= 2.")
+        if self.steps < self.eval_every or self.eval_every < 1:
+            raise ValueError(f"Need 1 <= eval_every ({self.eval_every}) <= steps ({self.steps}).")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.task.seq_len
+
+
+def _eval_batch(spec: TrainSpec) -> dict[str, torch.Tensor]:
+    """The held-out batch every checkpoint is scored on (its own seed stream)."""
+    return spec.task.sample(spec.n_eval, torch.Generator().manual_seed(10_000 + spec.seed))
+
+
+def evaluate(model: Model, batch: dict[str, torch.Tensor], *, clamp: str | None = None) -> dict[str, torch.Tensor]:
+    """Accuracy and loss at the query, and every head's previous-token score and label
+    attention (:func:`label_attention`) ``[layer, head]`` on ``batch`` (patterns as the heads
+    compute them, also under a clamp)."""
+    a = model.anatomy
+    with clamped(model, clamp, batch):
+        run = model.run(batch["ids"], cache="attn_pattern")
+    logits = run.last_logits.float()
+    pats = [run.cache["attn_pattern", l].float() for l in range(a.n_layers)]
+    return {
+        "acc": (logits.argmax(-1) == batch["target"]).float().mean(),
+        "loss": torch.nn.functional.cross_entropy(logits, batch["target"]),
+        "prev": torch.stack([previous_token_score(p) for p in pats]),
+        "match": torch.stack([label_attention(p, batch["label_pos"]) for p in pats]),
+    }
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+
+
+def _train(spec: TrainSpec) -> dict:
+    model = attention_only_model(spec.task, d_model=spec.d_model, n_layers=spec.n_layers,
+                                 n_heads=spec.n_heads, seed=spec.seed)
+    hf = model.hf
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(spec.seed)
+    held_out = _eval_batch(spec)
+    losses, ckpts = [], {"step": [], "acc": [], "loss": [], "prev": [], "match": [], "state": []}
+
+    def checkpoint(step: int) -> None:
+        hf.eval()
+        with torch.no_grad():
+            m = evaluate(model, held_out, clamp=spec.clamp)
+        for k in ("acc", "loss", "prev", "match"):
+            ckpts[k].append(m[k])
+        ckpts["step"].append(step)
+        ckpts["state"].append({k: v.detach().clone() for k, v in hf.state_dict().items()})
+
+    checkpoint(0)
+    with _progress(spec.steps, f"training {model.name}") as bar:
+        for step in range(1, spec.steps + 1):
+            hf.train()
+            batch = spec.task.sample(spec.batch, gen)
+            with clamped(model, spec.clamp, batch):
+                logits = hf(input_ids=batch["ids"], use_cache=False).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits, batch["target"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step % spec.eval_every == 0:
+                checkpoint(step)
+            bar.update(1)
+    hf.eval()
+    out = {"train_loss": torch.tensor(losses)}
+    for k in ("step", "acc", "loss"):
+        out[k] = torch.tensor(ckpts[k])
+    out["prev"], out["match"] = torch.stack(ckpts["prev"]), torch.stack(ckpts["match"])
+    out["states"] = ckpts["state"]
+    return out
+
+
+def train_icl(spec: TrainSpec = TrainSpec()) -> dict:
+    """Train (or load from the cache) one run: ``train_loss [steps]``; per checkpoint ``step``,
+    held-out ``acc`` and ``loss``, ``prev`` and ``match`` scores ``[ckpt, layer, head]`` and the
+    weights ``states`` (state dicts; see :func:`load_checkpoint`)."""
+    key = {"format": 1, **asdict(spec)}
+    return cached("toy", f"icl-{spec.n_layers}L-d{spec.d_model}", key, lambda: _train(spec))
+
+
+def load_checkpoint(spec: TrainSpec, run: dict, index: int) -> Model:
+    """The model of ``run`` (trained from ``spec``) at checkpoint ``index`` (negative counts from the end)."""
+    states = run["states"]
+    if not -len(states) <= index < len(states):
+        raise IndexError(f"Checkpoint {index} is out of range: the run has {len(states)} checkpoints.")
+    model = attention_only_model(spec.task, d_model=spec.d_model, n_layers=spec.n_layers,
+                                 n_heads=spec.n_heads, seed=spec.seed)
+    model.hf.load_state_dict(states[index])
+    return model
+
+
+def steps_to(steps: torch.Tensor, values: torch.Tensor, threshold: float) -> int | None:
+    """The first checkpoint step at which ``values`` reach ``threshold`` (None if never)."""
+    hit = (values >= threshold).nonzero()
+    return int(steps[hit[0, 0]]) if len(hit) else None
+
+
+def mean_ablate_heads(model: Model, batch: dict[str, torch.Tensor], heads: Sequence[tuple[int, int]]) -> list:
+    """Edits that replace the outputs (``attn_z``) of ``heads`` by their mean over ``batch``
+    at each position, so a head keeps its average contribution but loses its information."""
+    run = model.run(batch["ids"], cache="attn_z")
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in heads:
+        by_layer.setdefault(int(layer), []).append(int(h))
+
+    def make(layer: int, hs: list[int]):
+        mean = run.cache["attn_z", layer].mean(0, keepdim=True)
+        idx = torch.tensor(hs)
+
+        def fn(z: torch.Tensor) -> torch.Tensor:
+            out = z.clone()
+            out[:, :, idx] = mean[:, :, idx].expand(z.shape[0], -1, -1, -1)
+            return out
+        return fn
+
+    return [edit(("attn_z", layer), make(layer, hs)) for layer, hs in by_layer.items()]
