@@ -9,18 +9,19 @@ head)``, all positions. Every method scores a patched run with the same function
 grids must agree; the last column is the largest difference from interpbook's grid.
 
 * **interpbook**: ``patching.sweep`` with ``patching.LogitDiff``.
-* **nnsight**: ``LanguageModel(hf)`` (plain ``NNsight`` cannot batch invokes) on its own copy of the weights; the clean activations from one
-  trace, then one trace per layer with one ``tracer.invoke`` per patch (nnsight runs the
-  invokes of a trace as one batch): what its documentation recommends for many patches.
-* **TransformerLens**: ``TransformerBridge.boot_transformers`` on its own copy, compatibility
-  mode, clean cache from ``run_with_cache``, and the library's own sweeps
-  ``transformer_lens.patching.get_act_patch_resid_pre`` and
-  ``get_act_patch_attn_head_out_all_pos`` (one forward pass per patch).
+* **nnsight** and **TransformerLens**: ``interpbook.peers`` (shared with the book's appendix
+  "Scaling up"), each on its own copy of the weights. nnsight: ``TransformersModel`` around
+  the HF model; the clean activations from one trace, then one trace per layer with one
+  ``tracer.invoke`` per patch (nnsight runs the invokes of a trace as one batch): what its
+  documentation recommends for many patches. TransformerLens: ``TransformerBridge`` booted
+  on the HF model (raw weights, no compatibility mode), the clean cache from
+  ``run_with_cache``, and the library's own ``generic_activation_patch`` (what its
+  ``get_act_patch_resid_pre`` and ``get_act_patch_attn_head_out_all_pos`` run), one forward
+  pass per patch.
 
-A peer that is not installed (the ``[bench]`` extra; install it into a separate virtual
-environment, it must not change the book's one) gets a "not installed" row. Reported: wall
-and process-CPU seconds (one round; read CPU when other processes share the cores) and the
-ratio to interpbook.
+A peer that is not installed (the ``[scale]`` extra, which ``[book]`` includes) gets a "not
+installed" row. Reported: wall and process-CPU seconds (one round; read CPU when other
+processes share the cores) and the ratio to interpbook.
 
 Usage: ``python bench/peers.py [--prompts 8] [--threads 1]
 [--sweeps resid_pre:pos attn_z:head] [--peers nnsight TransformerLens]``
@@ -42,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import interpbook as ib  # noqa: E402
-from interpbook import patching  # noqa: E402
+from interpbook import patching, peers  # noqa: E402
 from interpbook.models import converted_path  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -56,64 +57,29 @@ def _version(dist: str) -> str:
         return ""
 
 
-def _hf_copy(path):
+def _own_copy(model):
+    """A second :class:`interpbook.Model` on its own copy of the weights, so that no peer's
+    wrapping can slow down another's model."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(converted_path(model.name), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    return ib.Model(hf, model.tokenizer, name=model.name)
 
 
-def nnsight_sweep(path, ids, right, wrong, site: str, layers: list[int]) -> torch.Tensor:
-    """One trace per layer, one invoke per patch; clean activations from one trace."""
-    from nnsight import LanguageModel
-    from transformers import AutoTokenizer
-
-    hf = _hf_copy(path)
-    lm = LanguageModel(hf, tokenizer=AutoTokenizer.from_pretrained(path))
-    blocks = lm.model.layers
-    n_heads = hf.config.num_attention_heads
-    d_head = getattr(hf.config, "head_dim", None) or hf.config.hidden_size // n_heads
-
-    def read(layer):  # resid_pre = the decoder block's input; z = the output projection's input
-        return blocks[layer].input if site == "resid_pre" else blocks[layer].self_attn.o_proj.input
-
-    with torch.no_grad():
-        clean = []
-        with lm.trace(ids["clean"]):
-            for layer in layers:
-                clean.append(read(layer).save())
-        grid = []
-        for li, layer in enumerate(layers):
-            units = range(ids["clean"].shape[1]) if site == "resid_pre" else range(n_heads)
-            saved = []
-            with lm.trace() as tracer:
-                for u in units:
-                    with tracer.invoke(ids["corrupt"]):
-                        where = (slice(None), u) if site == "resid_pre" else \
-                            (slice(None), slice(None), slice(u * d_head, (u + 1) * d_head))
-                        read(layer)[where] = clean[li][where]
-                        saved.append(lm.lm_head.output[:, -1].save())
-            grid.append([float(patching.logit_diff(s, right, wrong).mean()) for s in saved])
-    return torch.tensor(grid)
+def nnsight_sweep(model, ids, metric, site: str, over: str, layers: list[int]) -> torch.Tensor:
+    """``interpbook.peers.nnsight_patch_sweep``: one trace per layer, one invoke per patch."""
+    own = _own_copy(model)
+    return peers.nnsight_patch_sweep(peers.nnsight_model(own), own, ids["clean"], ids["corrupt"], metric, site, over,
+                                     layers)
 
 
-def transformer_lens_sweep(path, ids, right, wrong, site: str, layers: list[int]) -> torch.Tensor:
-    """The library's own sweeps (every layer: they take no subset), one forward pass per patch."""
-    from transformer_lens import patching as tl_patching
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    bridge.enable_compatibility_mode()
-
-    def metric(logits):
-        return patching.logit_diff(logits, right, wrong).mean()
-
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(ids["clean"])
-        if site == "resid_pre":
-            grid = tl_patching.get_act_patch_resid_pre(bridge, ids["corrupt"], cache, metric)
-        else:
-            grid = tl_patching.get_act_patch_attn_head_out_all_pos(bridge, ids["corrupt"], cache, metric)
-    return grid[layers].float()
+def transformer_lens_sweep(model, ids, metric, site: str, over: str, layers: list[int]) -> torch.Tensor:
+    """``interpbook.peers.transformer_lens_patch_sweep``: the library's ``generic_activation_patch``
+    (what its ``get_act_patch_resid_pre`` and ``get_act_patch_attn_head_out_all_pos`` run), one
+    forward pass per patch, on a bridge booted on its own copy."""
+    bridge = peers.transformer_bridge(model)
+    return peers.transformer_lens_patch_sweep(bridge, ids["clean"], ids["corrupt"], metric, site, over, layers)
 
 
 PEERS = {"nnsight": nnsight_sweep, "TransformerLens": transformer_lens_sweep}
@@ -130,10 +96,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = ib.load_model("smollm2-135m")
-    path = converted_path("smollm2-135m")
     clean, corrupt, right, wrong = ioi_pairs(model, args.prompts, "s2")
+    metric = lambda logits: patching.logit_diff(logits, right, wrong).mean()  # noqa: E731
     ids = {"clean": model.tokenize(clean)["input_ids"], "corrupt": model.tokenize(corrupt)["input_ids"]}
-    layers = list(range(model.n_layers))  # TransformerLens's sweeps take no layer subset
+    layers = list(range(model.n_layers))  # every layer: the measured runs in bench/README.md
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"{model.name}: {args.prompts} IOI pairs x {ids['clean'].shape[1]} tokens (s2 corruption), "
@@ -151,7 +117,7 @@ def main() -> None:
             if not _version(DIST[name]):
                 print(f"| {label} | {name} | | | | not installed | |")
                 continue
-            grid, pwall, pcpu = timed(lambda: PEERS[name](path, ids, right, wrong, site, layers))
+            grid, pwall, pcpu = timed(lambda: PEERS[name](model, ids, metric, site, over, layers))
             print(f"| {label} | {name} {_version(DIST[name])} | {grid.numel()} | {pwall:.1f} | {pcpu:.1f} | "
                   f"{pcpu / cpu:.1f}x | {float((grid - ours).abs().max()):.1e} |", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
