@@ -7,13 +7,18 @@ from the execution cache count too), keeps them in the build environment, and re
 the ``{reproductions}`` directive with a table of all of them when pages are written:
 grouped by chapter and page, each paper named by its title and a citation linked to the
 references page, values at the precision of :func:`interpbook.records.format_value`.
+The ``{reproductions-summary}`` directive is replaced, from the same records, by counts of
+the verdicts (in all and per chapter) and a list of the findings that did not show at this
+scale, so that no verdict is ever typed into prose about the reproductions.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from docutils import nodes
 from docutils.parsers.rst import Directive
-from interpbook.records import HTML_CLASS, Record, format_value, records_in_html
+from interpbook.records import HTML_CLASS, VERDICTS, Record, format_value, records_in_html
 from interpbook_titles import bibliography
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
@@ -26,13 +31,44 @@ class reproductions_table(nodes.General, nodes.Element):
     """Placeholder replaced by the table at ``doctree-resolved``."""
 
 
+class reproductions_summary(nodes.General, nodes.Element):
+    """Placeholder replaced by the verdict counts at ``doctree-resolved``."""
+
+
 class ReproductionsDirective(Directive):
     """``{reproductions}``: where the table of every recorded reproduction goes."""
+
+    placeholder = reproductions_table
 
     def run(self) -> list[nodes.Node]:
         env = self.state.document.settings.env
         env.interpbook_table_pages = getattr(env, "interpbook_table_pages", set()) | {env.docname}
-        return [reproductions_table()]
+        return [self.placeholder()]
+
+
+class ReproductionsSummaryDirective(ReproductionsDirective):
+    """``{reproductions-summary}``: where the counts of the verdicts go."""
+
+    placeholder = reproductions_summary
+
+
+def chapter_of(docname: str) -> str:
+    """The chapter folder of a page (``"02-probing"`` for ``"02-probing/structural-probe"``)."""
+    return docname.split("/")[0]
+
+
+def verdict_counts(records: dict[str, list[dict]]) -> dict[str, Counter]:
+    """Per chapter folder, how many cards have each verdict (chapters in order)."""
+    counts: dict[str, Counter] = {}
+    for docname in sorted(records):
+        counts.setdefault(chapter_of(docname), Counter()).update(r["verdict"] for r in records[docname])
+    return counts
+
+
+def not_at_this_scale(records: dict[str, list[dict]]) -> list[tuple[str, Record]]:
+    """``(page, record)`` for every card whose verdict is "not at this scale", in book order."""
+    return [(docname, Record.from_dict(r)) for docname in sorted(records) for r in records[docname]
+            if r["verdict"] == VERDICTS[-1]]
 
 
 def _records(env: BuildEnvironment) -> dict[str, list[dict]]:
@@ -163,14 +199,70 @@ def _table(app: Sphinx, fromdocname: str) -> nodes.Node:
     return table
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _count_text(counter: Counter) -> str:
+    """``"3 reproduce, 1 partially, 0 not at this scale"``."""
+    words = {"reproduces": "reproduce", "partially": "partially", "not at this scale": "not at this scale"}
+    return ", ".join(f"{counter[v]} {words[v]}" for v in VERDICTS)
+
+
+def _summary(app: Sphinx, fromdocname: str) -> list[nodes.Node]:
+    records = _records(app.env)
+    if not records:
+        return [nodes.paragraph("", "No reproductions are recorded in this build yet.")]
+    counts = verdict_counts(records)
+    total = sum(counts.values(), Counter())
+    papers = {r["paper_ref"] for cards in records.values() for r in cards if r["paper_ref"]}
+    intro = nodes.paragraph(classes=["interpbook-summary-total"])
+    n_cards = sum(total.values())
+    intro += nodes.Text(f"This build records {_plural(n_cards, 'reproduction card')} about "
+                        f"{_plural(len(papers), 'paper')}: {_count_text(total)}. By chapter:")
+    table = nodes.table(classes=["interpbook-reproductions-summary"])
+    group = nodes.tgroup(cols=1 + len(VERDICTS))
+    table += group
+    group.extend(nodes.colspec(colwidth=1) for _ in range(1 + len(VERDICTS)))
+    head = nodes.thead()
+    head += _row([nodes.Text("Chapter"), *(nodes.Text(v) for v in VERDICTS)])
+    body = nodes.tbody()
+    for folder, counter in counts.items():
+        index = f"{folder}/index"
+        title = nodes.reference("", _title(app, index), internal=True,
+                                refuri=app.builder.get_relative_uri(fromdocname, index)) \
+            if index in app.env.titles else nodes.Text(folder)
+        body += _row([title, *((nodes.Text(str(counter[v])), "interpbook-number") for v in VERDICTS)])
+    group += head
+    group += body
+    missing = not_at_this_scale(records)
+    if not missing:
+        return [intro, table, nodes.paragraph("", "Every recorded finding shows at least partially on this model.")]
+    lead = nodes.paragraph("", "The findings that did not show at this scale, with the reason each card gives:")
+    items = nodes.bullet_list(classes=["interpbook-not-at-this-scale"])
+    for docname, rec in missing:
+        para = nodes.paragraph()
+        para += nodes.strong("", rec.name)
+        para += nodes.Text(" (")
+        para += nodes.reference("", _title(app, docname), internal=True,
+                                refuri=app.builder.get_relative_uri(fromdocname, docname))
+        para += nodes.Text(")" + (f": {rec.note}" if rec.note else ""))
+        items += nodes.list_item("", para)
+    return [intro, table, lead, items]
+
+
 def fill_tables(app: Sphinx, doctree: nodes.document, fromdocname: str) -> None:
     for node in list(doctree.findall(reproductions_table)):
         node.replace_self(_table(app, fromdocname))
+    for node in list(doctree.findall(reproductions_summary)):
+        node.replace_self(_summary(app, fromdocname))
 
 
 def setup(app: Sphinx) -> dict:
     app.add_node(reproductions_table)
+    app.add_node(reproductions_summary)
     app.add_directive("reproductions", ReproductionsDirective)
+    app.add_directive("reproductions-summary", ReproductionsSummaryDirective)
     app.connect("doctree-read", collect_records)
     app.connect("env-purge-doc", purge_records)
     app.connect("env-merge-info", merge_records)
