@@ -69,9 +69,9 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device the token embedding runs on. Under an accelerate
-        device map that is its hook's execution device (offloaded weights sit on ``meta``
-        between passes), else the embedding's own device."""
+        """The device inputs go to, the one the token embedding runs on. Under an
+        accelerate device map that is its hook's execution device (offloaded weights sit on
+        ``meta`` between passes), else the embedding's own device."""
         embed = self.hf.get_input_embeddings()
         hook = getattr(embed, "_hf_hook", None)
         where = getattr(hook, "execution_device", None)
