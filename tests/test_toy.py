@@ -16,22 +16,25 @@ def batch(n=5, seed=0):
     return TASK.sample(n, torch.Generator().manual_seed(seed))
 
 
-def test_task_sequences_hold_their_answer_in_context():
-    b = batch(50)
-    ids, target, pos = b["ids"], b["target"], b["label_pos"]
-    assert ids.shape == (50, TASK.seq_len)
-    rows = torch.arange(50)
+def test_task_sequences_hold_their_answers_in_context():
+    task = ICLTask(n_pairs=3, n_items=10, n_labels=6, n_queries=3)
+    b = task.sample(50, torch.Generator().manual_seed(0))
+    ids, target, pos, qpos = b["ids"], b["target"], b["label_pos"], b["query_pos"]
+    assert ids.shape == (50, task.seq_len) == (50, 2 * (3 + 3) - 1)
+    assert target.shape == pos.shape == (50, 3) and qpos.tolist() == [6, 8, 10]
+    rows = torch.arange(50)[:, None]
     assert torch.equal(ids[rows, pos], target)                      # the answer sits at label_pos
-    assert torch.equal(ids[rows, pos - 1], ids[:, -1])              # right after the query's twin
-    items, labels = ids[:, 0:-1:2], ids[:, 1:-1:2]
-    assert bool(((items >= 1) & (items <= TASK.n_items)).all())
-    assert bool((labels > TASK.n_items).all()) and bool((labels < TASK.vocab_size).all())
+    assert torch.equal(ids[rows, pos - 1], ids[:, qpos])            # right after the query's twin
+    assert torch.equal(ids[:, qpos[:-1] + 1], target[:, :-1])       # answered queries carry their label
+    items, labels = ids[:, 0:6:2], ids[:, 1:6:2]
+    assert bool(((items >= 1) & (items <= task.n_items)).all())
+    assert bool((labels > task.n_items).all()) and bool((labels < task.vocab_size).all())
     for row in range(50):                                           # distinct items and labels per sequence
-        assert len(set(items[row].tolist())) == TASK.n_pairs == len(set(labels[row].tolist()))
+        assert len(set(items[row].tolist())) == task.n_pairs == len(set(labels[row].tolist()))
     # labels are re-drawn per sequence: one item gets different labels in different sequences
     seen = {}
-    for row in batch(400, seed=1)["ids"]:
-        for x, y in zip(row[0:-1:2].tolist(), row[1:-1:2].tolist()):
+    for row in task.sample(400, torch.Generator().manual_seed(1))["ids"]:
+        for x, y in zip(row[0:6:2].tolist(), row[1:6:2].tolist()):
             seen.setdefault(x, set()).add(y)
     assert max(len(v) for v in seen.values()) > 1
 
@@ -39,6 +42,8 @@ def test_task_sequences_hold_their_answer_in_context():
 def test_task_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="n_items"):
         ICLTask(n_pairs=5, n_items=4)
+    with pytest.raises(ValueError, match="one query"):
+        ICLTask(n_queries=0)
 
 
 def test_model_is_attention_only_and_the_book_tools_work():
@@ -96,7 +101,7 @@ def test_pattern_clamps_make_the_head_output_the_ideal_pattern_times_values(kind
         torch.testing.assert_close(z[:, 0], v[:, 0])
     else:
         rows = torch.arange(len(b["ids"]))
-        torch.testing.assert_close(z[:, -1], v[rows, b["label_pos"]])
+        torch.testing.assert_close(z[:, -1], v[rows, b["label_pos"][:, 0]])
     # the other head and (for match) the other positions are untouched
     free = model.run(b["ids"], cache="attn_z").cache["attn_z", layer]
     torch.testing.assert_close(run.cache["attn_z", layer][:, :, 1], free[:, :, 1])

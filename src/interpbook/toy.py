@@ -35,6 +35,7 @@ from .tracing import edit
 __all__ = [
     "ICLTask", "ToyTokenizer", "attention_only_model", "TrainSpec", "CLAMPS", "clamped",
     "label_attention", "evaluate", "train_icl", "load_checkpoint", "steps_to", "mean_ablate_heads",
+    "accuracy", "circuit_size",
 ]
 
 #: The sub-circuits a :class:`TrainSpec` can clamp to their ideal during training:
@@ -48,20 +49,26 @@ CLAMPS = ("prev", "match", "copy")
 # --- the task ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ICLTask:
-    """In-context classification: ``n_pairs`` (item, label) pairs, then a query item.
+    """In-context classification: ``n_pairs`` (item, label) pairs, then ``n_queries`` queries.
 
-    Token ids: 0 is padding, ``1..n_items`` are items, the next ``n_labels`` ids are labels.
+    A sequence reads ``x1 y1 ... xP yP q1 a1 q2 a2 ... qQ``: every query repeats one of the
+    exemplars (drawn with replacement) and is followed by its label, except the last, where the
+    sequence ends. The model is trained to predict the label at every query. Token ids: 0 is
+    padding, ``1..n_items`` are items, the next ``n_labels`` ids are labels.
     """
 
     n_pairs: int = 4
     n_items: int = 64
     n_labels: int = 16
+    n_queries: int = 1
 
     def __post_init__(self):
         if self.n_pairs < 1 or self.n_items < self.n_pairs or self.n_labels < self.n_pairs:
             raise ValueError(f"An ICLTask needs n_pairs >= 1 distinct items and labels per sequence: "
                              f"n_items ({self.n_items}) and n_labels ({self.n_labels}) must be at least "
                              f"n_pairs ({self.n_pairs}).")
+        if self.n_queries < 1:
+            raise ValueError(f"An ICLTask needs at least one query; got n_queries={self.n_queries}.")
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +76,12 @@ class ICLTask:
 
     @property
     def seq_len(self) -> int:
-        return 2 * self.n_pairs + 1
+        return 2 * (self.n_pairs + self.n_queries) - 1
+
+    @property
+    def query_pos(self) -> torch.Tensor:
+        """The positions of the queries ``[n_queries]`` (where the loss is taken)."""
+        return torch.arange(2 * self.n_pairs, self.seq_len, 2)
 
     @property
     def label_ids(self) -> torch.Tensor:
@@ -77,16 +89,18 @@ class ICLTask:
         return torch.arange(1 + self.n_items, self.vocab_size)
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``n`` sequences: ``ids [n, seq_len]``, the answer ``target [n]`` and ``label_pos [n]``,
-        the position of the matching exemplar's label (where an ideal induction head looks)."""
-        items = torch.rand(n, self.n_items, generator=generator).argsort(-1)[:, :self.n_pairs] + 1
-        labels = torch.rand(n, self.n_labels, generator=generator).argsort(-1)[:, :self.n_pairs] + 1 + self.n_items
-        which = torch.randint(0, self.n_pairs, (n,), generator=generator)
-        ids = torch.empty(n, self.seq_len, dtype=torch.long)
-        ids[:, 0:-1:2], ids[:, 1:-1:2] = items, labels
-        rows = torch.arange(n)
-        ids[:, -1] = items[rows, which]
-        return {"ids": ids, "target": labels[rows, which], "label_pos": 2 * which + 1}
+        """``n`` sequences: ``ids [n, seq_len]``, the answers ``target [n, n_queries]`` and
+        ``label_pos [n, n_queries]``, the position of each query's exemplar label (where an ideal
+        induction head looks)."""
+        P, Q = self.n_pairs, self.n_queries
+        items = torch.rand(n, self.n_items, generator=generator).argsort(-1)[:, :P] + 1
+        labels = torch.rand(n, self.n_labels, generator=generator).argsort(-1)[:, :P] + 1 + self.n_items
+        which = torch.randint(0, P, (n, Q), generator=generator)
+        ids = torch.zeros(n, 2 * (P + Q), dtype=torch.long)
+        ids[:, 0:2 * P:2], ids[:, 1:2 * P:2] = items, labels
+        target = labels.gather(1, which)
+        ids[:, 2 * P::2], ids[:, 2 * P + 1::2] = items.gather(1, which), target
+        return {"ids": ids[:, :-1], "target": target, "label_pos": 2 * which + 1, "query_pos": self.query_pos}
 
     def token_name(self, i: int) -> str:
         """``x3`` for item 3, ``y7`` for label 7, ``<pad>`` for 0."""
@@ -135,6 +149,7 @@ def attention_only_model(task: ICLTask, *, d_model: int = 64, n_layers: int = 2,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = GPT2LMHeadModel(cfg)
+        _default_init(hf)
     hf.config._attn_implementation = "eager"
     for block in hf.transformer.h:
         for p in block.mlp.parameters():
@@ -144,12 +159,30 @@ def attention_only_model(task: ICLTask, *, d_model: int = 64, n_layers: int = 2,
     return Model(hf, ToyTokenizer(task), name=f"toy-{n_layers}L-d{d_model}-h{n_heads}-s{seed}")
 
 
-def label_attention(pattern: torch.Tensor, label_pos: torch.Tensor) -> torch.Tensor:
-    """Attention from the query (last position) to the matching exemplar's label ``[head]``.
+def _default_init(hf) -> None:
+    """PyTorch's default initialisation instead of GPT-2's (all weights N(0, 0.02)): token
+    embeddings N(0, 1), projections and biases U(+-1/sqrt(fan_in)), positions N(0, 0.02).
+    With GPT-2's small initialisation the induction circuit stays on its plateau for
+    thousands of steps; with this one the phase change comes within the CPU budget."""
+    with torch.no_grad():
+        hf.transformer.wte.weight.normal_(0.0, 1.0)
+        hf.transformer.wpe.weight.normal_(0.0, 0.02)
+        bound = hf.config.n_embd ** -0.5
+        for block in hf.transformer.h:
+            for proj in (block.attn.c_attn, block.attn.c_proj):
+                proj.weight.uniform_(-bound, bound)
+                proj.bias.uniform_(-bound, bound)
+        hf.lm_head.weight.uniform_(-bound, bound)
 
-    ``pattern [batch, head, q, k]``; an ideal induction ("match") head scores 1."""
-    rows = torch.arange(pattern.shape[0], device=pattern.device)
-    return pattern[rows, :, -1, label_pos.to(pattern.device)].mean(0)
+
+def label_attention(pattern: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attention from each query to its exemplar's label, averaged over queries and
+    sequences ``[head]``: an ideal induction ("match") head scores 1.
+
+    ``pattern [batch, head, q, k]``; ``batch`` from :meth:`ICLTask.sample`."""
+    rows = torch.arange(pattern.shape[0])[:, None]
+    picked = pattern.permute(0, 2, 3, 1)[rows, batch["query_pos"], batch["label_pos"]]   # [batch, query, head]
+    return picked.mean((0, 1))
 
 
 # --- clamping ("artificial optogenetics") ---------------------------------------------------
@@ -173,7 +206,7 @@ def clamped(model: Model, kind: str | None, batch: dict[str, torch.Tensor], *, h
     layer = 0 if kind == "prev" else a.n_layers - 1
     if not 0 <= head < a.n_heads:
         raise IndexError(f"Clamp head {head} is out of range: the model has {a.n_heads} heads per layer.")
-    ids, label_pos = batch["ids"], batch["label_pos"]
+    ids, label_pos, qpos = batch["ids"], batch["label_pos"], batch["query_pos"]
     n, T = ids.shape
     hooks, store = [], {}
 
@@ -188,25 +221,25 @@ def clamped(model: Model, kind: str | None, batch: dict[str, torch.Tensor], *, h
             prev[0, 0] = 1.0                                   # the first token can only see itself
             prev[torch.arange(1, T), torch.arange(T - 1)] = 1.0
             return prev.expand(n, T, T)
-        return torch.nn.functional.one_hot(label_pos, T).float()[:, None, :]   # query row only
+        return torch.nn.functional.one_hot(label_pos, T).float()              # query rows only
 
     def set_z(module, args):
         z = args[0].view(n, T, a.n_heads, a.d_head).clone()
         if kind == "copy":
-            z[:, -1, head] = 0.0
+            z[:, qpos, head] = 0.0
         elif kind == "prev":
             z[:, :, head] = ideal_pattern() @ store["v"]
         else:
-            z[:, -1:, head] = ideal_pattern() @ store["v"]
+            z[:, qpos, head] = ideal_pattern() @ store["v"]
         return (z.view(args[0].shape),) + tuple(args[1:])
 
     def add_copy(module, args, out):
         attn_out, weights = out[0], out[1]
         u = a.W_U.detach().T[ids]                                  # [n, T, d_model]
         u = u / u.norm(dim=-1, keepdim=True) * a.d_model ** 0.5
-        ideal = (weights[:, head, -1, :, None] * u).sum(1)         # [n, d_model]
+        ideal = weights[:, head, qpos] @ u                          # [n, query, d_model]
         attn_out = attn_out.clone()
-        attn_out[:, -1] = attn_out[:, -1] + ideal
+        attn_out[:, qpos] = attn_out[:, qpos] + ideal
         return (attn_out,) + tuple(out[1:])
 
     try:
@@ -260,24 +293,25 @@ def _eval_batch(spec: TrainSpec) -> dict[str, torch.Tensor]:
 
 
 def evaluate(model: Model, batch: dict[str, torch.Tensor], *, clamp: str | None = None) -> dict[str, torch.Tensor]:
-    """Accuracy and loss at the query, and every head's previous-token score and label
+    """Accuracy and loss at the queries, and every head's previous-token score and label
     attention (:func:`label_attention`) ``[layer, head]`` on ``batch`` (patterns as the heads
     compute them, also under a clamp)."""
     a = model.anatomy
     with clamped(model, clamp, batch):
         run = model.run(batch["ids"], cache="attn_pattern")
-    logits = run.last_logits.float()
+    logits = run.logits[:, batch["query_pos"]].float().flatten(0, 1)
+    target = batch["target"].flatten()
     pats = [run.cache["attn_pattern", l].float() for l in range(a.n_layers)]
     return {
-        "acc": (logits.argmax(-1) == batch["target"]).float().mean(),
-        "loss": torch.nn.functional.cross_entropy(logits, batch["target"]),
+        "acc": (logits.argmax(-1) == target).float().mean(),
+        "loss": torch.nn.functional.cross_entropy(logits, target),
         "prev": torch.stack([previous_token_score(p) for p in pats]),
-        "match": torch.stack([label_attention(p, batch["label_pos"]) for p in pats]),
+        "match": torch.stack([label_attention(p, batch) for p in pats]),
     }
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
     return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
 
 
@@ -306,8 +340,8 @@ def _train(spec: TrainSpec) -> dict:
             hf.train()
             batch = spec.task.sample(spec.batch, gen)
             with clamped(model, spec.clamp, batch):
-                logits = hf(input_ids=batch["ids"], use_cache=False).logits[:, -1]
-            loss = torch.nn.functional.cross_entropy(logits, batch["target"])
+                logits = hf(input_ids=batch["ids"], use_cache=False).logits[:, batch["query_pos"]]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["target"].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -368,3 +402,28 @@ def mean_ablate_heads(model: Model, batch: dict[str, torch.Tensor], heads: Seque
         return fn
 
     return [edit(("attn_z", layer), make(layer, hs)) for layer, hs in by_layer.items()]
+
+
+def accuracy(model: Model, batch: dict[str, torch.Tensor], edits: Sequence = ()) -> float:
+    """Accuracy at the queries of ``batch``, with ``edits`` applied (e.g. :func:`mean_ablate_heads`)."""
+    logits = model.run(batch["ids"], edits=edits).logits[:, batch["query_pos"]]
+    return float((logits.argmax(-1) == batch["target"]).float().mean())
+
+
+def circuit_size(model: Model, batch: dict[str, torch.Tensor], keep: float = 0.9) -> tuple[int, list[tuple[int, int]]]:
+    """The fewest heads that keep ``keep`` of the model's accuracy when every other head is
+    mean-ablated, and the heads in order of importance.
+
+    Heads are ranked by how much accuracy mean-ablating each one alone costs; the circuit is
+    the shortest prefix of that ranking whose heads, kept while all others are ablated,
+    reach ``keep`` times the full accuracy. A greedy estimate (an upper bound on the
+    smallest such set), in the spirit of the circuit sizes of Tigges et al. (2024)."""
+    a = model.anatomy
+    heads = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
+    full = accuracy(model, batch)
+    cost = {hd: full - accuracy(model, batch, mean_ablate_heads(model, batch, [hd])) for hd in heads}
+    order = sorted(heads, key=lambda hd: -cost[hd])
+    for k in range(1, len(order) + 1):
+        if accuracy(model, batch, mean_ablate_heads(model, batch, order[k:])) >= keep * full:
+            return k, order
+    return len(order), order
