@@ -152,7 +152,7 @@ def test_training_is_seeded_cached_and_keeps_checkpoints(tmp_path, monkeypatch):
     fresh = toy._train(spec)                                                  # seeded: same numbers
     assert torch.equal(fresh["train_loss"], run["train_loss"])
     model = toy.load_checkpoint(spec, run, -1)
-    m = toy.evaluate(model, toy._eval_batch(spec))
+    m = toy.evaluate(model, toy.held_out_batch(spec))
     assert float(m["acc"]) == pytest.approx(float(run["acc"][-1]))
     with pytest.raises(IndexError, match="3 checkpoints"):
         toy.load_checkpoint(spec, run, 3)

@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
         for p in model.hf.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
-    return spec, run, model, toy._eval_batch(spec)
+    return spec, run, model, toy.held_out_batch(spec)
 
 
 # --- answers a reader might write --------------------------------------------------------
@@ -34,11 +34,12 @@ def diagonal_attention(pattern):
 
 
 def previous_token_curve(spec, run, layer):
-    held_out = toy._eval_batch(spec)
+    held_out = toy.held_out_batch(spec)
     out = []
     for i in range(len(run["step"])):
         m = toy.load_checkpoint(spec, run, i)
-        out.append(diagonal_attention(m.run(held_out["ids"], cache=("attn_pattern", layer)).cache["attn_pattern", layer]))
+        pat = m.run(held_out["ids"], cache=("attn_pattern", layer)).cache["attn_pattern", layer]
+        out.append(diagonal_attention(pat))
     return torch.stack(out)
 
 

@@ -34,8 +34,8 @@ from .tracing import edit
 
 __all__ = [
     "ICLTask", "ToyTokenizer", "attention_only_model", "TrainSpec", "CLAMPS", "clamped",
-    "label_attention", "evaluate", "train_icl", "load_checkpoint", "steps_to", "mean_ablate_heads",
-    "accuracy", "circuit_size",
+    "label_attention", "held_out_batch", "evaluate", "train_icl", "load_checkpoint", "steps_to",
+    "mean_ablate_heads", "accuracy", "circuit_size",
 ]
 
 #: The sub-circuits a :class:`TrainSpec` can clamp to their ideal during training:
@@ -82,11 +82,6 @@ class ICLTask:
     def query_pos(self) -> torch.Tensor:
         """The positions of the queries ``[n_queries]`` (where the loss is taken)."""
         return torch.arange(2 * self.n_pairs, self.seq_len, 2)
-
-    @property
-    def label_ids(self) -> torch.Tensor:
-        """The token ids of all labels ``[n_labels]``."""
-        return torch.arange(1 + self.n_items, self.vocab_size)
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``n`` sequences: ``ids [n, seq_len]``, the answers ``target [n, n_queries]`` and
@@ -287,8 +282,9 @@ class TrainSpec:
         return self.batch * self.task.seq_len
 
 
-def _eval_batch(spec: TrainSpec) -> dict[str, torch.Tensor]:
-    """The held-out batch every checkpoint is scored on (its own seed stream)."""
+def held_out_batch(spec: TrainSpec) -> dict[str, torch.Tensor]:
+    """The held-out batch every checkpoint of a run from ``spec`` is scored on (its own seed
+    stream, apart from the training batches)."""
     return spec.task.sample(spec.n_eval, torch.Generator().manual_seed(10_000 + spec.seed))
 
 
@@ -322,7 +318,7 @@ def _train(spec: TrainSpec) -> dict:
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(spec.seed)
-    held_out = _eval_batch(spec)
+    held_out = held_out_batch(spec)
     losses, ckpts = [], {"step": [], "acc": [], "loss": [], "prev": [], "match": [], "state": []}
 
     def checkpoint(step: int) -> None:
