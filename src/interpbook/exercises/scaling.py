@@ -40,6 +40,7 @@ def check_nnsight_causal_tracing(restored_probs, model, fact: Fact, *, noise: fl
     subject = subject_positions(model.tokenizer, fact)
     target = object_token(model.tokenizer, fact.target)
     draws = torch.randn(n_samples, len(subject), model.d_model, generator=torch.Generator().manual_seed(seed)) * noise
+    draws = draws.to(model.device)  # the same draws as trace_fact's, where the model runs
     input_ids = model.tokenize(fact.prompt)["input_ids"]
     pos = subject[-1]
     with torch.no_grad():
