@@ -9,7 +9,8 @@ digest of what else decides the outputs: the ``interpbook`` sources that the ker
 will import, the torch/transformers/Python versions and ``INTERPBOOK_MODEL``. Editing
 the package therefore re-executes the book. ``INTERPBOOK_EXECUTION_CACHE`` moves the
 cache root (tests use a fresh temporary one); ``INTERPBOOK_CHAPTERS`` limits the build
-to some chapters (``interpbook build --chapter``).
+to some chapters (``interpbook build --chapter``); the appendix pages that execute code
+are left out then unless the list names ``appendix``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(BOOK / "_ext"))
 
 from interpbook.cli import CHAPTERS_ENV, kernel_environment  # noqa: E402
 from interpbook.starters import chapters  # noqa: E402
+from interpbook_parallel import executes_code  # noqa: E402
 
 kernel_environment()  # before any kernel starts: figures kept, no tqdm/IProgress noise
 
@@ -72,8 +74,11 @@ exclude_patterns = ["_build", ".venv", "**/.ipynb_checkpoints", "_ext", "Thumbs.
 _only = [c.strip() for c in os.environ.get(CHAPTERS_ENV, "").split(",") if c.strip()]
 if _only:
     exclude_patterns += [f"{c}/**" for c in chapters(BOOK) if c not in _only]
-    # the landing page and the schedule still name the chapters left out
-    suppress_warnings = ["toc.excluded", "ref.doc"]
+    if "appendix" not in _only:  # appendix pages that run code (Scaling up) only when asked for
+        exclude_patterns += [page.relative_to(BOOK).with_suffix("").as_posix() + ".md"
+                             for page in sorted((BOOK / "appendix").glob("*.md")) if executes_code(page)]
+    # the landing page and the schedule still name the chapters (and pages) left out
+    suppress_warnings = ["toc.excluded", "toc.not_readable", "ref.doc"]
 
 # -- MyST and notebooks -------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]

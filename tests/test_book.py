@@ -327,6 +327,14 @@ def test_pipeline_starter_download(pipeline_book):
     assert "Starter notebook" in nb.cells[0].source
 
 
+def test_a_chapter_build_leaves_out_appendix_pages_that_run_code(pipeline_book):
+    """``INTERPBOOK_CHAPTERS`` builds only the chapters named: the executed appendix page
+    (Scaling up) would cost every chapter build minutes; the other appendix pages stay."""
+    assert not (pipeline_book.out / "appendix" / "scaling-up.html").exists()
+    assert (pipeline_book.out / "appendix" / "writing.html").exists()
+    assert (pipeline_book.out / "appendix" / "reproductions.html").exists()
+
+
 def test_pipeline_reproductions_table(pipeline_book):
     page = soup(pipeline_book, "appendix/reproductions")
     table = page.select_one("table.interpbook-reproductions")

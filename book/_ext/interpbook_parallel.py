@@ -37,8 +37,13 @@ MEASURED = Path(__file__).with_name("page_seconds.json")
 
 
 def executes_code(path: Path) -> bool:
-    """Whether a page has code cells (a MyST notebook)."""
-    return path.suffix == ".md" and "```{code-cell}" in path.read_text(encoding="utf-8")
+    """Whether a page is a MyST notebook with code cells (a ``kernelspec`` in its front
+    matter; a page that only shows a code cell inside a fence is not)."""
+    if path.suffix != ".md":
+        return False
+    text = path.read_text(encoding="utf-8")
+    front = text.split("---", 2)[1] if text.startswith("---") else ""
+    return "kernelspec:" in front and "```{code-cell}" in text
 
 
 def dispatch_order(n_chunks: int, nproc: int) -> list[int]:

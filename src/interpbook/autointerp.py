@@ -179,7 +179,7 @@ def steering_effect(model: Model, site: tuple[str, int], directions: torch.Tenso
         vectors = (norm * group).repeat_interleave(n_prompts, 0).to(model.device)     # one per row
 
         def add(x, v=vectors):
-            return torch.cat([x[:, :skip], x[:, skip:] + v[:, None].to(x.dtype)], 1)
+            return torch.cat([x[:, :skip], x[:, skip:] + v[:, None].to(x)], 1)
 
         out.append(mean_logprobs(prompts.repeat(len(group), 1), [edit(site, add)]) - clean)
     return torch.cat(out).cpu()

@@ -329,7 +329,7 @@ def loss_recovered(model: Model, sae: SAE, site: tuple[str, int], windows: torch
           "spliced": next_token_loss(model, windows, [splice(sae, site, skip=skip)], skip=skip)}
     ablations = {"zero": ablation(torch.zeros_like)}
     if mean is not None:
-        ablations["mean"] = ablation(lambda x: mean.to(x.dtype).expand_as(x))
+        ablations["mean"] = ablation(lambda x: mean.to(x).expand_as(x))
     for name, e in ablations.items():
         ce[f"{name}-ablated"] = next_token_loss(model, windows, [e], skip=skip)
         ce[f"recovered ({name})"] = (ce[f"{name}-ablated"] - ce["spliced"]) / (ce[f"{name}-ablated"] - ce["clean"])
@@ -340,7 +340,7 @@ def splice(sae: SAE, site: tuple[str, int], *, skip: int = 1) -> Edit:
     """A tracing edit that replaces ``site`` by the SAE's reconstruction at positions ``>= skip``
     (the positions it was trained on): ``model.run(ids, edits=[splice(sae, ("resid_post", L))])``."""
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x[:, :skip], sae(x[:, skip:]).to(x.dtype)], 1)
+        return torch.cat([x[:, :skip], sae(x[:, skip:]).to(x)], 1)
 
     return edit(site, reconstruct)
 

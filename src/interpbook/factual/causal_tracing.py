@@ -97,7 +97,7 @@ def _restore_fn(clean_value: torch.Tensor, rows: list[int], pos: list[int]):
 
     def fn(x):
         out = x.clone()
-        out[r, p] = clean_value[0, p].to(x.dtype)
+        out[r, p] = clean_value[0, p].to(x)
         return out
 
     return fn
@@ -125,7 +125,7 @@ def restored_probs(model, prompt: str, target: int, subject: list[int], noise: t
 
         def corrupt(x, full_noise=full_noise):
             out = x.clone()
-            out[:, subj] = x[:, subj] + full_noise.to(x.dtype)
+            out[:, subj] = x[:, subj] + full_noise.to(x)
             return out
 
         plan: dict[tuple[str, int], tuple[list, list]] = {}
