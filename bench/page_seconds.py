@@ -22,10 +22,12 @@ from interpbook_parallel import MEASURED, cached_seconds  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cache", type=Path, help="a jupyter-cache folder (the one holding global.db)")
+    parser.add_argument("--book", type=Path, default=BOOK,
+                        help="the book folder the build read (another clone's, e.g. bench/book_build.py's)")
     args = parser.parse_args()
-    seconds = cached_seconds(args.cache, BOOK)
+    seconds = cached_seconds(args.cache, args.book.resolve())
     if not seconds:
-        sys.exit(f"{args.cache} holds no executed pages of {BOOK} (is it a jupyter-cache folder of this checkout?)")
+        sys.exit(f"{args.cache} holds no executed pages of {args.book} (is it a jupyter-cache folder of this checkout?)")
     MEASURED.write_text(json.dumps({d: round(s, 1) for d, s in sorted(seconds.items())}, indent=1) + "\n")
     print(f"{len(seconds)} pages, {sum(seconds.values()):.0f} s in all -> {MEASURED}")
 
