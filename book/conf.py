@@ -28,8 +28,7 @@ ROOT = BOOK.parent
 sys.path.insert(0, str(BOOK / "_ext"))
 
 from interpbook.cli import CHAPTERS_ENV, kernel_environment  # noqa: E402
-from interpbook.starters import chapters  # noqa: E402
-from interpbook_parallel import executes_code  # noqa: E402
+from interpbook.starters import left_out  # noqa: E402
 
 kernel_environment()  # before any kernel starts: figures kept, no tqdm/IProgress noise
 
@@ -73,10 +72,7 @@ extensions = [
 exclude_patterns = ["_build", ".venv", "**/.ipynb_checkpoints", "_ext", "Thumbs.db", ".DS_Store"]
 _only = [c.strip() for c in os.environ.get(CHAPTERS_ENV, "").split(",") if c.strip()]
 if _only:
-    exclude_patterns += [f"{c}/**" for c in chapters(BOOK) if c not in _only]
-    if "appendix" not in _only:  # appendix pages that run code (Scaling up) only when asked for
-        exclude_patterns += [page.relative_to(BOOK).with_suffix("").as_posix() + ".md"
-                             for page in sorted((BOOK / "appendix").glob("*.md")) if executes_code(page)]
+    exclude_patterns += [f"{doc}.md" for doc in left_out(BOOK, _only)]
     # the landing page and the schedule still name the chapters (and pages) left out
     suppress_warnings = ["toc.excluded", "toc.not_readable", "ref.doc"]
 

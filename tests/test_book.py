@@ -68,12 +68,10 @@ def soup(build, docname: str) -> BeautifulSoup:
 def source_pages(build) -> list[str]:
     """Docnames of every page of the book source that the build includes."""
     skip = {"_build", "_ext", "_static", ".ipynb_checkpoints"}
-    left_out = set(starters.chapters(build.src)) - set(built_chapters(build))
-    return sorted(
-        p.relative_to(build.src).with_suffix("").as_posix()
-        for p in build.src.rglob("*.md")
-        if not (skip | left_out) & set(p.relative_to(build.src).parts)
-    )
+    only = [c for c in build.env.get("INTERPBOOK_CHAPTERS", "").split(",") if c]
+    docs = {p.relative_to(build.src).with_suffix("").as_posix() for p in build.src.rglob("*.md")
+            if not skip & set(p.relative_to(build.src).parts)}
+    return sorted(docs - set(starters.left_out(build.src, only)))
 
 
 def chapter_notebook_pages(build) -> list[str]:

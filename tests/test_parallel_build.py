@@ -138,9 +138,10 @@ def test_creating_the_execution_cache_is_idempotent(tmp_path):
 
 
 def test_a_page_executes_when_it_is_a_myst_notebook_with_code(tmp_path):
-    notebook = "---\nkernelspec:\n  name: python3\n---\n\n# T\n\n```{code-cell} ipython3\n1\n```\n"
+    notebook = ("---\njupytext:\n  text_representation:\n    format_name: myst\nkernelspec:\n  name: python3\n---\n\n"
+                "# T\n\n```{code-cell} ipython3\n1\n```\n")
     shown = "# Writing\n\nA fence shows one:\n\n````\n```{code-cell} ipython3\n1\n```\n````\n\nkernelspec: in prose\n"
     for name, text, expected in [("nb.md", notebook, True), ("shown.md", shown, False),
-                                 ("prose.md", "---\nkernelspec:\n---\n# no code\n", False), ("x.rst", notebook, False)]:
+                                 ("prose.md", notebook.split("# T")[0] + "# no code\n", False), ("x.rst", notebook, False)]:
         (tmp_path / name).write_text(text)
         assert executes_code(tmp_path / name) is expected, name

@@ -205,3 +205,15 @@ def test_starter_with_install_has_a_setup_cell():
     assert nb.cells[1].cell_type == "code" and "install -q /path/to/checkout" in nb.cells[1].source
     assert "source checkout" in nb.cells[1].source
     assert "next cell installs" in nb.cells[0].source
+
+
+def test_a_chapter_build_leaves_out_other_chapters_and_executed_appendix_pages():
+    from interpbook.starters import chapters, left_out
+
+    first = chapters(BOOK)[0]
+    out = left_out(BOOK, [first])
+    assert out and not any(d.startswith(first + "/") for d in out)
+    assert all(any(d.startswith(c + "/") for d in out) for c in chapters(BOOK)[1:])
+    assert "appendix/scaling-up" in out and "appendix/writing" not in out and "appendix/reproductions" not in out
+    assert "appendix/scaling-up" not in left_out(BOOK, [first, "appendix"])
+    assert left_out(BOOK, []) == []

@@ -28,6 +28,7 @@ import statistics
 from pathlib import Path
 
 from interpbook.cli import kernel_threads
+from interpbook.starters import is_notebook_source
 from jupyter_cache import get_cache
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
@@ -37,13 +38,12 @@ MEASURED = Path(__file__).with_name("page_seconds.json")
 
 
 def executes_code(path: Path) -> bool:
-    """Whether a page is a MyST notebook with code cells (a ``kernelspec`` in its front
-    matter; a page that only shows a code cell inside a fence is not)."""
+    """Whether a page is a MyST notebook with code cells (a page that only shows a code
+    cell inside a fence is not)."""
     if path.suffix != ".md":
         return False
     text = path.read_text(encoding="utf-8")
-    front = text.split("---", 2)[1] if text.startswith("---") else ""
-    return "kernelspec:" in front and "```{code-cell}" in text
+    return is_notebook_source(text) and "```{code-cell}" in text
 
 
 def dispatch_order(n_chunks: int, nproc: int) -> list[int]:

@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import posixpath
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import jupytext
@@ -454,6 +455,21 @@ def chapters(book_dir: str | Path) -> list[str]:
     return sorted(
         p.name for p in book_dir.iterdir() if _CHAPTER_RE.match(p.name) and (p / "index.md").is_file()
     )
+
+
+def left_out(book_dir: str | Path, only: Sequence[str]) -> list[str]:
+    """Docnames a build of the chapters ``only`` leaves out (``INTERPBOOK_CHAPTERS``): the
+    other chapters' pages, and the appendix pages that execute code unless ``only`` names
+    ``appendix`` (Scaling up would cost every chapter build minutes). Empty when ``only``
+    is empty: the whole book."""
+    book_dir = Path(book_dir)
+    if not only:
+        return []
+    folders = [book_dir / c for c in chapters(book_dir) if c not in only]
+    pages = [p for folder in folders for p in folder.rglob("*.md")]
+    if "appendix" not in only:
+        pages += [p for p in (book_dir / "appendix").glob("*.md") if is_notebook_source(p.read_text(encoding="utf-8"))]
+    return sorted(p.relative_to(book_dir).with_suffix("").as_posix() for p in pages)
 
 
 def chapter_pages(chapter: str, book_dir: str | Path) -> list[Path]:
