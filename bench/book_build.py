@@ -5,11 +5,12 @@ folder: first cold (empty execution cache and, unless ``--keep-artifacts``, an e
 ``INTERPBOOK_CACHE``, so the model is converted and the SAE, tuned lens etc. are trained
 again), then again with nothing changed. While a build runs, the resident memory of
 its whole process tree (Sphinx, its reader processes and their kernels) is sampled
-twice a second. Prints wall times, the peak of the tree's total RSS and of its largest
-process, and each chapter's page seconds from the execution cache::
+twice a second. Prints wall times, the peaks of the tree's summed RSS and PSS, the
+largest processes, and each chapter's page seconds from the execution cache::
 
     .venv/bin/python bench/book_build.py                   # SmolLM2, -j 2
     .venv/bin/python bench/book_build.py --model gemma-3-270m
+    .venv/bin/python bench/book_build.py --chapters 09-circuit-discovery --keep-artifacts
 """
 
 from __future__ import annotations
@@ -30,52 +31,71 @@ sys.path.insert(0, str(ROOT / "book" / "_ext"))
 from interpbook_parallel import cached_seconds  # noqa: E402
 
 
-def tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    """Total and largest resident set size (bytes) of a process and its descendants."""
-    sizes = []
+def tree_memory(proc: psutil.Process) -> list[tuple[int, int, int, str]]:
+    """(pid, RSS, PSS, what) of a process and each of its descendants, in bytes. PSS counts
+    a page shared by n processes as 1/n in each, so the PSS sum is the memory the tree
+    holds; the RSS sum counts the pages Sphinx's forked readers share with it more than
+    once. ``what`` is "kernel <chapter>" for a notebook kernel (it runs in its page's
+    folder), else "sphinx"."""
+    rows = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            sizes.append(p.memory_info().rss)
-        except psutil.Error:
-            pass
-    return sum(sizes), max(sizes, default=0)
+            mem = p.memory_full_info()
+            kernel = "ipykernel" in " ".join(p.cmdline())
+            what = f"kernel {Path(p.cwd()).relative_to(ROOT / 'book')}" if kernel else "sphinx"
+        except (psutil.Error, ValueError):
+            continue
+        rows.append((p.pid, mem.rss, mem.pss, what))
+    return rows
 
 
 def build(out: Path, env: dict, jobs: int) -> dict:
-    """One strict build; its wall seconds, peak total and peak single-process RSS."""
+    """One strict build: its wall seconds, the peaks of the tree's summed RSS and PSS, and
+    each process's peak RSS."""
     cmd = [sys.executable, "-m", "sphinx", "-j", str(jobs), "-W", "--keep-going", "-n", "-q",
            "-b", "html", str(ROOT / "book"), str(out)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    watched, peak_total, peak_one = psutil.Process(proc.pid), 0, 0
+    watched, peaks, each = psutil.Process(proc.pid), {"rss": 0, "pss": 0}, {}
     while proc.poll() is None:
-        total, one = tree_rss(watched)
-        peak_total, peak_one = max(peak_total, total), max(peak_one, one)
+        rows = tree_memory(watched)
+        peaks["rss"] = max(peaks["rss"], sum(r[1] for r in rows))
+        peaks["pss"] = max(peaks["pss"], sum(r[2] for r in rows))
+        for pid, rss, _, what in rows:
+            each[pid, what] = max(each.get((pid, what), 0), rss)
         time.sleep(0.5)
     if proc.returncode:
         sys.exit(f"the build failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return {"wall": time.perf_counter() - start, "rss": peak_total, "rss_one": peak_one}
+    return {"wall": time.perf_counter() - start, **peaks, "each": each}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--chapters", default="",
+                        help="build only these chapters (INTERPBOOK_CHAPTERS, e.g. 01-introduction,09-circuit-discovery)")
     parser.add_argument("--keep-artifacts", action="store_true",
                         help="reuse $INTERPBOOK_CACHE (converted model, trained SAE ...) instead of an empty one")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="book-bench-"))
     env = dict(os.environ, INTERPBOOK_MODEL=args.model, INTERPBOOK_EXECUTION_CACHE=str(work / "exec"),
                HF_HUB_OFFLINE="1")
+    if args.chapters:
+        env["INTERPBOOK_CHAPTERS"] = args.chapters
     if not args.keep_artifacts:
         env["INTERPBOOK_CACHE"] = str(work / "artifacts")
     print(f"{args.model}, -j {args.jobs}, {os.cpu_count()} CPUs, work folder {work}", flush=True)
     cold = build(work / "html", env, args.jobs)
     again = build(work / "html", env, args.jobs)
     gib = 2**30
-    print(f"cold build        {cold['wall'] / 60:6.1f} min   peak RSS {cold['rss'] / gib:5.2f} GiB in all, "
-          f"{cold['rss_one'] / gib:5.2f} GiB largest process")
-    print(f"no-change rebuild {again['wall']:6.1f} s     peak RSS {again['rss'] / gib:5.2f} GiB in all")
+    print(f"cold build        {cold['wall'] / 60:6.1f} min   peak memory of the tree: RSS {cold['rss'] / gib:5.2f} "
+          f"GiB, PSS {cold['pss'] / gib:5.2f} GiB")
+    print(f"no-change rebuild {again['wall']:6.1f} s     peak memory of the tree: RSS {again['rss'] / gib:5.2f} "
+          f"GiB, PSS {again['pss'] / gib:5.2f} GiB")
+    print("largest processes of the cold build (peak RSS):")
+    for (pid, what), rss in sorted(cold["each"].items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {rss / gib:5.2f} GiB  {what} (pid {pid})")
     seconds = {}
     for db in (work / "exec").glob("*/global.db"):
         seconds.update(cached_seconds(db.parent, ROOT / "book"))

@@ -102,6 +102,16 @@ def test_eap_ig_scores_on_the_embedding_add_up_to_the_total_effect(family):
     assert err[1] < err[0] / 2  # the step rule's error falls like 1/steps
 
 
+def test_scoring_leaves_no_gradient_on_the_weights():
+    """Only the receivers' inputs get gradients (and are scored and freed at once): a model
+    whose weights require gradients is left as it was."""
+    model, clean, corrupt, graph = setup("llama")
+    assert all(p.requires_grad for p in model.hf.parameters())
+    for method in ("eap", "eap-ig"):
+        ea.edge_attribution(model, clean, corrupt, metric, method=method, steps=2, graph=graph)
+    assert all(p.grad is None for p in model.hf.parameters())
+
+
 def test_top_edges_are_nested_and_sized():
     model, clean, corrupt, graph = setup("llama")
     scores = ea.edge_attribution(model, clean, corrupt, metric, graph=graph)

@@ -106,6 +106,12 @@ def test_device_and_device_map_together_are_refused():
         ib.load_model(device="cpu", device_map="auto")
 
 
+@pytest.mark.integration
+def test_loaded_weights_do_not_require_gradients(real_model):
+    """An inference model: gradient-mode passes keep only what input gradients need."""
+    assert not any(p.requires_grad for p in real_model.hf.parameters())
+
+
 def test_device_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("INTERPBOOK_DEVICE", "cpu")
     monkeypatch.setenv("INTERPBOOK_DTYPE", "bfloat16")

