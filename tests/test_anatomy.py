@@ -36,6 +36,15 @@ def test_logit_lens_at_last_layer_is_the_output(model):
     torch.testing.assert_close(lens[-1], _raw_logits(model, ids)[:, -1], atol=ATOL, rtol=0)
 
 
+def test_answer_rank_is_the_rank_under_the_full_logit_lens(model):
+    ids = random_ids()
+    lens = ib.logit_lens(model, ids, pos=-2)
+    answers = lens[model.n_layers // 2].argmax(-1)          # top-1 at the middle layer: rank 0 there
+    ranks = ib.answer_rank(model, ids, answers, pos=-2)
+    want = (lens > lens.gather(-1, answers[None, :, None].expand(model.n_layers, -1, 1))).sum(-1)
+    assert torch.equal(ranks, want) and bool((ranks[model.n_layers // 2] == 0).all())
+
+
 def test_heads_through_W_O_sum_to_attention_output(model):
     a = model.anatomy
     run = model.run(random_ids(), cache=["attn_z", "attn_out"])

@@ -160,6 +160,11 @@ def test_logit_lens_on_a_non_residual_site(model):
         ib.logit_lens(model, random_ids(), site="attn_pattern")
 
 
+def test_answer_rank_with_the_wrong_number_of_answers(model):
+    with pytest.raises(ValueError, match=r"one token id per prompt \(2\); got shape \(3,\)"):
+        ib.answer_rank(model, random_ids(), [1, 2, 3])
+
+
 def test_prompts_of_the_wrong_type(model):
     with pytest.raises(TypeError, match="got int 123"):
         model.run(123)

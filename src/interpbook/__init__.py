@@ -10,14 +10,14 @@ The chapters call a small, tested API::
 
 from .anatomy import SITES, Anatomy, anatomy_for
 from . import patching
-from .lenses import direct_logit_attribution, final_norm_scale, logit_lens, top_tokens
+from .lenses import answer_rank, direct_logit_attribution, final_norm_scale, logit_lens, top_tokens
 from .lm import Model, Run
 from .models import describe_models, load_model
 from .records import record
 from .tracing import ActivationCache, Edit, StopForward, Trace, ablate, edit, patch, steer
 
 __all__ = [
-    "SITES", "Anatomy", "anatomy_for", "logit_lens", "top_tokens", "direct_logit_attribution",
+    "SITES", "Anatomy", "anatomy_for", "logit_lens", "answer_rank", "top_tokens", "direct_logit_attribution",
     "final_norm_scale", "patching", "Model", "Run",
     "describe_models", "load_model", "record", "ActivationCache", "Edit", "StopForward", "Trace",
     "ablate", "edit", "patch", "steer",

@@ -19,20 +19,43 @@ import torch
 from .anatomy import norm_as_linear, norm_scale
 from .lm import Model, Prompts
 
-__all__ = ["logit_lens", "top_tokens", "final_norm_scale", "direct_logit_attribution"]
+__all__ = ["logit_lens", "answer_rank", "top_tokens", "final_norm_scale", "direct_logit_attribution"]
 
 _LENS_SITES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 def logit_lens(model: Model, prompts: Prompts, *, pos: int = -1, site: str = "resid_post") -> torch.Tensor:
     """Logits read off ``site`` at every layer, at position ``pos``: ``[layer, batch, vocab]``."""
+    with torch.no_grad():
+        return model.anatomy.unembed(_lens_states(model, prompts, pos, site))
+
+
+def _lens_states(model: Model, prompts: Prompts, pos: int, site: str) -> torch.Tensor:
     if site not in _LENS_SITES or site == "embed":
         raise ValueError(
             f"The logit lens reads a residual-stream site [batch, pos, d_model] at every layer, not {site!r}; "
             f"use one of {', '.join(s for s in _LENS_SITES if s != 'embed')}.")
-    run = model.run(prompts, cache=site)
-    with torch.no_grad():
-        return model.anatomy.unembed(run.cache.stack(site)[:, :, pos])
+    run = model.run(prompts, cache=site, last_only=True)   # the cached states are all the lens needs
+    return run.cache.stack(site)[:, :, pos]                                  # [layer, batch, d_model]
+
+
+@torch.no_grad()
+def answer_rank(model: Model, prompts: Prompts, answers: Sequence[int] | torch.Tensor, *, pos: int = -1,
+                site: str = "resid_post") -> torch.Tensor:
+    """Rank of each prompt's answer token under the logit lens at every layer ``[layer, batch]``:
+    how many tokens get a strictly higher lens logit (0: the answer is the lens's top-1).
+    Computed a layer at a time, so memory stays at one ``[batch, vocab]`` slice (the full
+    ``logit_lens`` of many prompts with a large vocabulary takes gigabytes)."""
+    answers = torch.as_tensor(answers)
+    states = _lens_states(model, prompts, pos, site)
+    if answers.shape != (states.shape[1],):
+        raise ValueError(f"answers must hold one token id per prompt ({states.shape[1]}); got shape "
+                         f"{tuple(answers.shape)}.")
+    ranks = []
+    for h in states:
+        logits = model.anatomy.unembed(h)                                     # [batch, vocab]
+        ranks.append((logits > logits.gather(1, answers[:, None].to(logits.device))).sum(1))
+    return torch.stack(ranks).cpu()
 
 
 def top_tokens(model: Model, logits: torch.Tensor, k: int = 5) -> list[list[str]]:
