@@ -183,6 +183,25 @@ def test_patching_clean_into_clean_changes_nothing_and_rows_are_layers(family):
         B.patch_last_token_by_layer(m, base.prompts, cf.prompts[:2])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "neox"])
+def test_last_token_patches_on_the_cache_equal_full_passes_with_padding_and_sliding_windows(family):
+    """The one-token passes on the base prompts' key/value cache give the logits of full
+    patched passes, also for prompts of different lengths (left padding) and for Gemma's
+    sliding-window layers with a window shorter than the prompts."""
+    m = tiny_model(family)
+    text = "Facts: lives in. Where does live? Answer"
+    m.tokenizer = WordTokenizer([text] + [" " + w for w in NAMES + CITIES] + NAMES)
+    base = ["Facts: " + " ".join(NAMES[:5]) + " Answer", "Where does " + NAMES[1] + " live?"]
+    cf = ["Facts: " + CITIES[0] + " lives in " + CITIES[1] + ". Answer", NAMES[2] + " Answer"]
+    got = B.patch_last_token_by_layer(m, base, cf, max_rows=4)
+    cf_cache = m.run(cf, cache="resid_pre").cache
+    for layer in range(m.n_layers):
+        from interpbook.tracing import patch
+        want = m.run(base, edits=[patch(("resid_pre", layer), cf_cache["resid_pre", layer][:, -1].clone(),
+                                        pos=-1)]).last_logits
+        torch.testing.assert_close(got[layer], want, rtol=1e-4, atol=1e-4)
+
+
 def test_lookback_outcomes():
     logits = torch.zeros(2, 4, 10)
     for row, tok in enumerate([1, 2, 3, 9]):

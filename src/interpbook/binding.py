@@ -13,8 +13,8 @@ the chapter's two papers:
   (:func:`rotate_keys`, :func:`move_cached`), to test position independence and
   factorizability on a key/value cache;
 - the lookback signature (Prakash et al.): :func:`patch_last_token_by_layer` patches the
-  last-token residual of a counterfactual query into the base query at every layer in one
-  batched pass, and :func:`lookback_outcomes` sorts each answer into base / counterfactual /
+  last-token residual of a counterfactual query into the base query at every layer, in
+  batched one-token passes on the base prompts' key/value cache, and :func:`lookback_outcomes` sorts each answer into base / counterfactual /
   third value / other;
 - :func:`belief_stories`, a small CausalToM-style task (who believes what is in which
   container) to test whether a model tracks beliefs at all.
@@ -346,14 +346,21 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
                               site: str = "resid_pre", max_rows: int = 256) -> torch.Tensor:
     """Last-position logits ``[layer, batch, vocab]`` of the ``base`` prompts with the last
     token's ``site`` at one layer replaced by the ``counterfactual`` prompts' (row ``l``:
-    layer ``l``). All layers go through batched forward passes of at most ``max_rows`` rows
-    (copies of the base batch, one per layer, each patched at its own layer)."""
+    layer ``l``).
+
+    A patch at the last position cannot change the positions before it (attention is
+    causal), so the base prompts' keys and values up to the last token are computed once
+    and every patched run is a one-token pass on top of them: batches of at most
+    ``max_rows`` rows (copies of the base batch, one per layer, each patched at its own
+    layer)."""
     if len(base) != len(counterfactual):
         raise ValueError(f"base and counterfactual need one prompt each per row; got {len(base)} and "
                          f"{len(counterfactual)}.")
     with torch.no_grad():
         cf = model.run(list(counterfactual), cache=site, stop_early=True).cache
-    enc = model.forward_inputs(list(base))
+        enc = model.forward_inputs(list(base))
+        prefix = model.hf(**{k: v[:, :-1] for k, v in enc.items()}, use_cache=True,
+                          logits_to_keep=1).past_key_values
     b, L = len(base), model.n_layers
     per = max(1, max_rows // b)
     out = []
@@ -361,9 +368,13 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
         layers = list(range(first, min(L, first + per)))
         edits = [patch((site, layer), cf[site, layer][:, -1].clone(), pos=-1,
                        rows=slice(i * b, (i + 1) * b)) for i, layer in enumerate(layers)]
-        inputs = {k: v.repeat(len(layers), 1) for k, v in enc.items()}
+        past = copy.deepcopy(prefix)
+        past.batch_select_indices(torch.arange(b).repeat(len(layers)))      # copy i: rows i*b .. (i+1)*b
+        last = {"input_ids": enc["input_ids"][:, -1:], "position_ids": enc["position_ids"][:, -1:],
+                "attention_mask": enc["attention_mask"]}
+        inputs = {k: v.repeat(len(layers), 1) for k, v in last.items()}
         with torch.no_grad(), model.trace(edits=edits):
-            logits = model.forward_last(inputs)
+            logits = model.hf(**inputs, past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1]
         out.append(logits.view(len(layers), b, -1))
     return torch.cat(out)
 
