@@ -103,3 +103,13 @@ def test_detector_finds_a_comparison_and_its_claim():
     assert claimed_pairs(nb) == []
     nb.cells.append(hidden)
     assert claimed_pairs(nb) == [{"a", ">", "b"}]
+
+
+@pytest.mark.parametrize("page", notebook_pages(), ids=lambda p: p.relative_to(BOOK).as_posix())
+def test_reproduction_cards_are_in_cells_whose_output_is_shown(page):
+    """A card is the cell's output, and the Reproductions appendix collects it from there:
+    in a cell whose output is removed it would silently be left out of both."""
+    hidden = [cell.source.split("\n")[0] for cell in starters.read_page(page).cells
+              if cell.cell_type == "code" and re.search(r"\b(ib\.)?record\(", cell.source)
+              and {"remove-cell", "remove-output"} & set(cell.metadata.get("tags", []))]
+    assert not hidden, f"{page.relative_to(BOOK)}: record(...) in a cell whose output is removed: {hidden}"
