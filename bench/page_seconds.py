@@ -5,6 +5,9 @@ cold build's pages over its processes. Refresh them after a cold SmolLM2 build w
 ``sphinx -j 2`` (the times are for a page at one thread while another page runs)::
 
     .venv/bin/python bench/page_seconds.py _build/.jupyter_cache/<digest>
+
+After a build of some chapters only (``INTERPBOOK_CHAPTERS``), ``--update`` replaces the
+times of the pages that build ran and keeps the others.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ def main() -> None:
     parser.add_argument("cache", type=Path, help="a jupyter-cache folder (the one holding global.db)")
     parser.add_argument("--book", type=Path, default=BOOK,
                         help="the book folder the build read (another clone's, e.g. bench/book_build.py's)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the times of pages this build did not run (a build of some chapters)")
     args = parser.parse_args()
     seconds = cached_seconds(args.cache, args.book.resolve())
     if not seconds:
         sys.exit(f"{args.cache} holds no executed pages of {args.book} (is it a jupyter-cache folder of this checkout?)")
-    MEASURED.write_text(json.dumps({d: round(s, 1) for d, s in sorted(seconds.items())}, indent=1) + "\n")
-    print(f"{len(seconds)} pages, {sum(seconds.values()):.0f} s in all -> {MEASURED}")
+    kept = json.loads(MEASURED.read_text()) if args.update and MEASURED.is_file() else {}
+    merged = {**kept, **{d: round(s, 1) for d, s in seconds.items()}}
+    MEASURED.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    print(f"{len(seconds)} pages measured ({sum(seconds.values()):.0f} s), {len(merged)} in {MEASURED}")
 
 
 if __name__ == "__main__":
