@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -206,13 +207,30 @@ def _remove_orphans(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers (5.23) parses the GGUF file anew for the tokenizer, the config and the
+    weights, and rebuilds gguf's tensor-name table for every module it maps; both are
+    read-only, so during one conversion each is built once (the conversion's imports are
+    function-local, so they pick these up)."""
+    import gguf
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
+
+
 def _convert(gguf: Path, target: Path, source_digest: str) -> None:
     """Dequantise ``gguf`` to float32 safetensors in ``target``, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        with _quiet():
+        with _quiet(), _gguf_read_once():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
