@@ -284,6 +284,27 @@ def test_trace_with_grad_gives_grads_in_a_block_you_run(model):
     assert gz.shape == tr.cache["attn_z", 0].shape and gz.abs().sum() > 0 and gr.abs().sum() > 0
 
 
+def test_grad_mode_works_with_frozen_weights(model):
+    """load_model freezes the weights: recorded sites must still get gradients, and a site
+    upstream of another must get the whole gradient (through the downstream one too)."""
+    ids = random_ids()
+    sites = [("resid_pre", 1), ("attn_z", 1), ("resid_post", model.n_layers - 1)]
+
+    def grads():
+        run = model.run(ids, cache=sites, grad=True)
+        return torch.autograd.grad(_metric(run.logits), [run.cache[s] for s in sites])
+
+    want = grads()
+    model.hf.requires_grad_(False)
+    try:
+        got = grads()
+    finally:
+        model.hf.requires_grad_(True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in got)
+
+
 def test_last_only_unembeds_just_the_last_position(model):
     """``Model.logits``, ``run(last_only=True)`` and ``forward_last`` give the full pass's
     last-position logits while unembedding one position."""

@@ -428,6 +428,10 @@ class Trace:
                     raise ValueError(f"Edit of {planned.site!r} returned shape {tuple(new.shape)}; expected {tuple(value.shape)}.")
                 value = new
         if planned.record and first:
+            if self.grad and not value.requires_grad:
+                # nothing before it needs a gradient (weights frozen, as load_model leaves
+                # them): the recorded tensor becomes the graph's leaf
+                value = value.detach().requires_grad_()
             self.cache[planned.site] = value if self.grad else value.detach()
         return value
 
