@@ -32,7 +32,9 @@ from interpbook.records import HTML_CLASS
 
 pytestmark = pytest.mark.book
 
-NOISE = ("Warning", "IProgress", "tqdm", "it/s]")
+NOISE = ("Warning", "IProgress", "tqdm/", "tqdm.", "it/s]", "s/it]")
+"""What leaked warnings and progress bars leave in an output (the word "tqdm" alone also
+names a token that a vocabulary projection may list)."""
 GEMMA_CHAPTERS = ("01-introduction", "04-attention-heads")
 """The chapters built on the second architecture (a partial cold build keeps CI short)."""
 BIB_KEYS = tuple(citations.load_bibliography(BOOK / "references.bib"))
