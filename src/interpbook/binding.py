@@ -14,8 +14,9 @@ the chapter's two papers:
   factorizability on a key/value cache;
 - the lookback signature (Prakash et al.): :func:`patch_last_token_by_layer` patches the
   last-token residual of a counterfactual query into the base query at every layer, in
-  batched one-token passes on the base prompts' key/value cache, and :func:`lookback_outcomes` sorts each answer into base / counterfactual /
-  third value / other;
+  batched one-token passes on the base prompts' key/value cache, and
+  :func:`lookback_outcomes` sorts each answer into base / counterfactual / third value /
+  other;
 - :func:`belief_stories`, a small CausalToM-style task (who believes what is in which
   container) to test whether a model tracks beliefs at all.
 """
