@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import nbformat
 import pytest
 from conftest import FIXTURES, REPO
@@ -69,18 +74,46 @@ def test_kernel_environment(monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli.kernel_environment()
     cli.kernel_environment()
-    import os
 
     assert "MPLBACKEND" not in os.environ
     assert os.environ["PYTHONWARNINGS"] == ",".join(["ignore::DeprecationWarning", *cli.QUIET_WARNINGS])
     assert os.environ["TQDM_DISABLE"] == "1"
+    assert Path(os.environ["PYTHONSTARTUP"]) == Path(cli.__file__).with_name("kernel_startup.py")
+    monkeypatch.setenv("PYTHONSTARTUP", "/home/reader/.pythonrc")
+    cli.kernel_environment()
+    assert os.environ["PYTHONSTARTUP"] == "/home/reader/.pythonrc", "a reader's own startup file is kept"
+
+
+RESIDENT_AFTER_CELL = """
+import os, sys
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+if sys.argv[1] == "startup":
+    shell.safe_execfile(os.environ["PYTHONSTARTUP"], shell.user_ns, raise_exceptions=True)
+# 300 MB in blocks small enough for the heap, one kept above them so free() cannot shrink the heap
+shell.run_cell("blocks = [bytearray(60_000) for _ in range(5_000)]; keep = bytearray(60_000); del blocks")
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux", reason="glibc and /proc")
+def test_kernel_startup_returns_freed_memory_after_each_cell(monkeypatch):
+    """With the book's startup file a kernel gives a cell's freed memory back to the system
+    when the cell ends; without it the process keeps it."""
+    monkeypatch.delenv("PYTHONSTARTUP", raising=False)
+    cli.kernel_environment()
+    resident = {}
+    for mode in ("startup", "plain"):
+        proc = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_CELL, mode], env=dict(os.environ),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        resident[mode] = int(proc.stdout.split()[-1])
+    assert resident["plain"] - resident["startup"] > 200, resident
 
 
 def test_kernels_print_no_missing_glyph_warning(monkeypatch):
     """A figure with CJK and Thai text (no glyphs in DejaVu Sans) writes nothing to stderr
     in a process started with the book's kernel environment."""
-    import subprocess
-    import sys
 
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     cli.kernel_environment()
@@ -89,7 +122,6 @@ def test_kernels_print_no_missing_glyph_warning(monkeypatch):
         "fig, ax = plt.subplots()\nax.set_xticks([0, 1], ['\u65e5\u672c', '\u0e44\u0e17\u0e22'])\n"
         "fig.savefig(__import__('io').BytesIO(), format='png')\nprint('drawn')\n"
     )
-    import os
 
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True,
                           text=True, timeout=120)
@@ -103,7 +135,6 @@ def test_kernels_print_no_missing_glyph_warning(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["file", "read-only"])
 def test_export_to_an_unwritable_place_is_a_clear_error(kind, tmp_path, capsys):
-    import os
 
     if kind == "file":
         target = tmp_path / "not-a-folder"

@@ -38,12 +38,16 @@ def kernel_environment() -> None:
       progress bars, and matplotlib's missing-glyph warnings (a token in a CJK or Thai
       script drawn with DejaVu Sans shows as a box) would otherwise print onto the pages
       as stderr output: :data:`QUIET_WARNINGS` silences the warnings in every kernel.
+    * ``PYTHONSTARTUP`` (unless set) runs :mod:`interpbook.kernel_startup`, which returns the
+      memory a cell freed to the system after each cell, so two kernels side by side do not
+      each keep their largest cell's memory.
     """
     os.environ.pop("MPLBACKEND", None)
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     filters += [f for f in QUIET_WARNINGS if f not in filters]
     os.environ["PYTHONWARNINGS"] = ",".join(filters)
     os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("PYTHONSTARTUP", str(Path(__file__).with_name("kernel_startup.py")))
 
 
 BUILD_JOBS = 2
