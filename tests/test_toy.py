@@ -167,3 +167,65 @@ def test_steps_to_and_mean_ablation():
     edits = toy.mean_ablate_heads(model, b, [(1, 0)])
     z = model.run(b["ids"], cache="attn_z", edits=edits).cache["attn_z", 1]
     torch.testing.assert_close(z[:, :, 0], z[:1, :, 0].expand_as(z[:, :, 0]))    # same at every row
+
+
+# --- the name-moving task ------------------------------------------------------------------
+NAMES = toy.NameTask(n_names=8, n_fillers=8, n_context=5)
+
+
+def test_name_task_sequences_end_on_the_subject_and_answer_with_the_other_name():
+    b = NAMES.sample(200, torch.Generator().manual_seed(0))
+    ids, target, io, s1, qpos = b["ids"], b["target"], b["label_pos"], b["subject_pos"], b["query_pos"]
+    assert ids.shape == (200, NAMES.seq_len) == (200, 6) and qpos.tolist() == [5]
+    assert target.shape == io.shape == s1.shape == (200, 1)
+    rows = torch.arange(200)[:, None]
+    is_name = ids > NAMES.n_fillers
+    assert bool((ids >= 1).all()) and bool((ids < NAMES.vocab_size).all())
+    assert is_name.sum(1).tolist() == [3] * 200                    # the two names and the repeat, all else filler
+    assert torch.equal(ids[rows, io], target)                      # the indirect object sits at label_pos
+    assert torch.equal(ids[rows, s1][:, 0], ids[:, -1])            # the last token repeats the subject
+    assert bool((target[:, 0] != ids[:, -1]).all())                # the answer is the other name
+    assert bool((target > NAMES.n_fillers).all()) and bool((io != s1).all())
+    assert bool((io < s1).any()) and bool((io > s1).any())         # either name may come first
+    assert NAMES.token_name(1) == "w0" and NAMES.token_name(NAMES.n_fillers + 1) == "N0"
+
+
+def test_name_task_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match=r"n_names \(1\) must be at least 2"):
+        toy.NameTask(n_names=1)
+    with pytest.raises(ValueError, match="n_context >= 2"):
+        toy.NameTask(n_context=1)
+    with pytest.raises(ValueError, match="n_fillers >= 1"):
+        toy.NameTask(n_fillers=0, n_context=4)
+    toy.NameTask(n_fillers=0, n_context=2)                          # two names and nothing else is fine
+    with pytest.raises(TypeError, match="ICLTask or a NameTask, not dict"):
+        TrainSpec(task={"n_names": 8})
+
+
+def test_name_mover_score_is_the_attention_from_the_last_position_to_the_indirect_object():
+    b = NAMES.sample(16, torch.Generator().manual_seed(1))
+    T, rows = NAMES.seq_len, torch.arange(16)
+    mover = torch.full((16, 3, T, T), 1.0 / T)                      # head 0 a name mover, 1 looks at the
+    mover[:, 0, -1] = torch.nn.functional.one_hot(b["label_pos"][:, 0], T).float()   # subject, 2 uniform
+    mover[:, 1, -1] = torch.nn.functional.one_hot(b["subject_pos"][:, 0], T).float()
+    mover[rows, 1, :-1] = 0.0                                       # other rows must not count
+    torch.testing.assert_close(toy.label_attention(mover, b), torch.tensor([1.0, 0.0, 1.0 / T]))
+
+
+def test_a_trained_name_mover_attends_to_the_indirect_object_and_both_tasks_share_the_tools(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPBOOK_CACHE", str(tmp_path))
+    spec = TrainSpec(task=NAMES, d_model=32, n_layers=1, n_heads=2, steps=100, eval_every=50, n_eval=128, lr=3e-3)
+    run = toy.train_icl(spec)
+    assert run["step"].tolist() == [0, 50, 100] and run["match"].shape == (3, 1, 2)
+    assert float(run["acc"][-1]) > 0.9 > float(run["acc"][0])
+    assert [p.name.split("-")[0] for p in tmp_path.glob("toy/*.pt")] == ["names"]
+    model, b = toy.load_checkpoint(spec, run, -1), toy.held_out_batch(spec)
+    pattern = model.run(b["ids"], cache="attn_pattern").cache["attn_pattern", 0]
+    head = int(run["match"][-1, 0].argmax())
+    rows = torch.arange(len(b["ids"]))
+    to_io = pattern[rows, head, -1, b["label_pos"][:, 0]]
+    to_subject = pattern[rows, head, -1, b["subject_pos"][:, 0]]
+    assert float(to_io.mean()) == pytest.approx(float(run["match"][-1, 0, head]), abs=1e-5)
+    assert float(to_io.mean()) > 0.5 > float(to_subject.mean())     # it moves the other name, not the subject
+    size, order = toy.circuit_size(model, b)
+    assert 1 <= size <= 2 and sorted(order) == [(0, 0), (0, 1)]

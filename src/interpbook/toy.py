@@ -1,4 +1,4 @@
-"""Tiny attention-only transformers trained on a synthetic in-context task (book chapter 12).
+"""Tiny attention-only transformers trained on synthetic in-context tasks (book chapter 12).
 
 No training checkpoints of a pretrained language model exist offline, so Week 12 trains its
 own small models on the CPU and watches circuits form. This module has the three pieces:
@@ -7,7 +7,10 @@ own small models on the CPU and watches circuits form. This module has the three
   (2024). A sequence holds ``n_pairs`` exemplar-label pairs ``x1 y1 x2 y2 ... xq``; the query
   ``xq`` repeats one of the exemplars and the model must output that exemplar's label. Labels
   are re-assigned at random in every sequence, so no item-to-label mapping can be memorised:
-  only looking the label up in context (an induction circuit) solves it.
+  only looking the label up in context (an induction circuit) solves it. A second task,
+  :class:`NameTask`, is indirect-object identification in miniature (two names, then one of
+  them again; the answer is the other), which a *name mover* head solves. Both give the same
+  interface (:data:`TASKS`), so everything below works for either.
 * **The model** (:func:`attention_only_model`): a Hugging Face GPT-2 with tiny sizes whose
   MLPs are switched off (weights zero and frozen), wrapped as an
   :class:`interpbook.Model`, so every site, hook and head tool of the book works on it.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
@@ -33,7 +36,7 @@ from .lm import Model
 from .tracing import edit
 
 __all__ = [
-    "ICLTask", "ToyTokenizer", "attention_only_model", "TrainSpec", "CLAMPS", "clamped",
+    "ICLTask", "NameTask", "TASKS", "ToyTokenizer", "attention_only_model", "TrainSpec", "CLAMPS", "clamped",
     "label_attention", "held_out_batch", "evaluate", "train_icl", "load_checkpoint", "steps_to",
     "mean_ablate_heads", "accuracy", "circuit_size",
 ]
@@ -56,6 +59,8 @@ class ICLTask:
     sequence ends. The model is trained to predict the label at every query. Token ids: 0 is
     padding, ``1..n_items`` are items, the next ``n_labels`` ids are labels.
     """
+
+    kind: ClassVar[str] = "icl"        # names the task's runs in the cache (not part of the key)
 
     n_pairs: int = 4
     n_items: int = 64
@@ -104,9 +109,76 @@ class ICLTask:
         return f"x{i - 1}" if i <= self.n_items else f"y{i - 1 - self.n_items}"
 
 
+@dataclass(frozen=True)
+class NameTask:
+    """Indirect-object identification in miniature: two names, then one of them again.
+
+    A sequence reads ``w w A w B w ... S``: ``n_context`` tokens in which two distinct names
+    stand at random positions among filler words, then the subject ``S``, a repeat of one of
+    the two. The answer is the other name, the indirect object (in "When Mary and John went
+    to the store, John gave a drink to", Mary). A *name mover* head (in IOI, one of the last
+    layers) attends from the final position to the indirect object and copies it. Token ids: 0 is
+    padding, ``1..n_fillers`` are filler words, the next ``n_names`` ids are names.
+    """
+
+    kind: ClassVar[str] = "names"
+
+    n_names: int = 16
+    n_fillers: int = 16
+    n_context: int = 6
+
+    def __post_init__(self):
+        if self.n_names < 2:
+            raise ValueError(f"A NameTask needs two distinct names per sequence: n_names ({self.n_names}) must be "
+                             "at least 2.")
+        if self.n_context < 2 or (self.n_context > 2 and self.n_fillers < 1):
+            raise ValueError(f"A NameTask needs n_context >= 2 positions for the two names, and n_fillers >= 1 to "
+                             f"fill the rest: got n_context={self.n_context}, n_fillers={self.n_fillers}.")
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.n_fillers + self.n_names
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_context + 1
+
+    @property
+    def query_pos(self) -> torch.Tensor:
+        """The position of the repeated subject ``[1]``, the last one (where the loss is taken)."""
+        return torch.tensor([self.n_context])
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``n`` sequences: ``ids [n, seq_len]``, the indirect object ``target [n, 1]``, its
+        position ``label_pos [n, 1]`` (where an ideal name mover looks from the query) and the
+        position of the subject's first mention ``subject_pos [n, 1]``."""
+        C = self.n_context
+        ids = torch.randint(1, self.n_fillers + 1, (n, C + 1), generator=generator)
+        names = torch.rand(n, self.n_names, generator=generator).argsort(-1)[:, :2] + 1 + self.n_fillers
+        pos = torch.rand(n, C, generator=generator).argsort(-1)[:, :2]         # [io, subject] positions
+        rows = torch.arange(n)[:, None]
+        ids[rows, pos] = names
+        ids[:, C] = names[:, 1]
+        return {"ids": ids, "target": names[:, :1], "label_pos": pos[:, :1], "subject_pos": pos[:, 1:],
+                "query_pos": self.query_pos}
+
+    def token_name(self, i: int) -> str:
+        """``w3`` for filler word 3, ``N7`` for name 7, ``<pad>`` for 0."""
+        if i == 0:
+            return "<pad>"
+        return f"w{i - 1}" if i <= self.n_fillers else f"N{i - 1 - self.n_fillers}"
+
+
+#: The tasks of the toy models. Each gives ``vocab_size``, ``seq_len``, ``query_pos``,
+#: ``token_name`` and ``sample(n, generator)``, whose batch holds ``ids``, ``target``,
+#: ``query_pos`` and ``label_pos``: the position of each query's answer in the context, where
+#: the task's ideal head attends from the query (:func:`label_attention`).
+TASKS = (ICLTask, NameTask)
+
+
 class ToyTokenizer:
     """Just enough of a tokenizer for :class:`interpbook.Model` on integer token ids: padding
-    and readable names (:meth:`ICLTask.token_name`) for ``decode``; no text encoding."""
+    and readable names (the task's ``token_name``) for ``decode``; no text encoding."""
 
     pad_token = eos_token = "<pad>"
     pad_token_id = eos_token_id = 0
@@ -114,7 +186,7 @@ class ToyTokenizer:
     padding_side = "left"
     chat_template = None
 
-    def __init__(self, task: ICLTask):
+    def __init__(self, task: ICLTask | NameTask):
         self.task = task
 
     def decode(self, ids, **_) -> str:
@@ -125,7 +197,7 @@ class ToyTokenizer:
 
 
 # --- the model -----------------------------------------------------------------------------
-def attention_only_model(task: ICLTask, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+def attention_only_model(task: ICLTask | NameTask, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                          seed: int = 0) -> Model:
     """A freshly initialised attention-only transformer for ``task``, as an :class:`interpbook.Model`.
 
@@ -171,10 +243,12 @@ def _default_init(hf) -> None:
 
 
 def label_attention(pattern: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Attention from each query to its exemplar's label, averaged over queries and
-    sequences ``[head]``: an ideal induction ("match") head scores 1.
+    """Attention from each query to its answer in the context (``batch["label_pos"]``),
+    averaged over queries and sequences ``[head]``: an ideal induction ("match") head of
+    :class:`ICLTask`, attending to the label of the query's twin, or an ideal name mover of
+    :class:`NameTask`, attending to the indirect object, scores 1.
 
-    ``pattern [batch, head, q, k]``; ``batch`` from :meth:`ICLTask.sample`."""
+    ``pattern [batch, head, q, k]``; ``batch`` from the task's ``sample``."""
     rows = torch.arange(pattern.shape[0])[:, None]
     picked = pattern.permute(0, 2, 3, 1)[rows, batch["query_pos"], batch["label_pos"]]   # [batch, query, head]
     return picked.mean((0, 1))
@@ -256,7 +330,7 @@ class TrainSpec:
     """Everything a training run depends on (the cache key). ``clamp`` is one of
     :data:`CLAMPS` or None; ``eval_every`` is the checkpoint interval in steps."""
 
-    task: ICLTask = field(default_factory=ICLTask)
+    task: ICLTask | NameTask = field(default_factory=ICLTask)
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -274,6 +348,8 @@ class TrainSpec:
         if self.n_layers < 2 and self.clamp in ("match", "copy"):
             raise ValueError("Match and copy clamps act on the last layer's head, which needs a layer "
                              "before it for the previous-token head: use n_layers >= 2.")
+        if not isinstance(self.task, TASKS):
+            raise TypeError(f"TrainSpec.task must be an ICLTask or a NameTask, not {type(self.task).__name__}.")
         if self.steps < self.eval_every or self.eval_every < 1:
             raise ValueError(f"Need 1 <= eval_every ({self.eval_every}) <= steps ({self.steps}).")
 
@@ -355,11 +431,12 @@ def _train(spec: TrainSpec) -> dict:
 
 
 def train_icl(spec: TrainSpec = TrainSpec()) -> dict:
-    """Train (or load from the cache) one run: ``train_loss [steps]``; per checkpoint ``step``,
+    """Train (or load from the cache) one run on ``spec.task``, whichever task it is (the name
+    is the first task's): ``train_loss [steps]``; per checkpoint ``step``,
     held-out ``acc`` and ``loss``, ``prev`` and ``match`` scores ``[ckpt, layer, head]`` and the
     weights ``states`` (state dicts; see :func:`load_checkpoint`)."""
     key = {"format": 1, **asdict(spec)}
-    return cached("toy", f"icl-{spec.n_layers}L-d{spec.d_model}", key, lambda: _train(spec))
+    return cached("toy", f"{spec.task.kind}-{spec.n_layers}L-d{spec.d_model}", key, lambda: _train(spec))
 
 
 def load_checkpoint(spec: TrainSpec, run: dict, index: int) -> Model:
