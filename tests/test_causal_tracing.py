@@ -103,3 +103,40 @@ def test_bad_input(model):
     with pytest.raises(ValueError, match="needs facts"):
         CT.noise_scale(model, [])
     assert CT.noise_scale(model, [FACT], factor=0.0) == 0.0
+
+
+def test_restored_runs_equal_full_passes(model):
+    """Restored runs reuse the corrupted prompt's keys and values before the restored
+    position; each probability equals a full forward pass with the same noise and
+    restoration (Gemma's tiny model has sliding windows of 4, shorter than the prompt)."""
+    from interpbook.factual.facts import subject_positions
+    from interpbook.tracing import edit
+
+    subject = subject_positions(model.tokenizer, FACT)
+    target = object_token(model.tokenizer, FACT.target)
+    n = model.forward_inputs(FACT.prompt)["input_ids"].shape[1]
+    clean = model.run(FACT.prompt, cache=["resid_post", "mlp_out", "attn_out"]).cache
+    noise = torch.randn(2, len(subject), model.d_model, generator=torch.Generator().manual_seed(1)) * 3.0
+    restorations = [("embed", [], 0), ("resid_post", [0], subject[0]), ("mlp_out", [0, 1], subject[-1]),
+                    ("attn_out", [1], -1), ("resid_post", [1], [subject[-1], n - 1])]
+    got = CT.restored_probs(model, FACT.prompt, target, subject, noise, restorations, clean, batch_size=4)
+
+    def add_noise(x):
+        out = x.clone()
+        out[:, subject] += noise.to(x)
+        return out
+
+    def restore(key, pos):
+        def fn(x):
+            out = x.clone()
+            out[:, pos] = clean[key][:, pos]
+            return out
+        return fn
+
+    for (site, layers, pos), p in zip(restorations, got):
+        edits = [edit("embed", add_noise)] + [edit((site, la), restore((site, la), pos)) for la in layers]
+        with torch.no_grad():
+            logits = model.run([FACT.prompt] * 2, edits=edits, last_only=True).logits[:, -1]
+        want = logits.float().softmax(-1)[:, target].mean()
+        assert float(p) == pytest.approx(float(want), rel=1e-4, abs=1e-7), (site, layers, pos)
+    assert len(set(got.tolist())) > 2, "the restorations should differ"

@@ -359,9 +359,8 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
                          f"{len(counterfactual)}.")
     with torch.no_grad():
         cf = model.run(list(counterfactual), cache=site, stop_early=True).cache
-        enc = model.forward_inputs(list(base))
-        prefix = model.hf(**{k: v[:, :-1] for k, v in enc.items()}, use_cache=True,
-                          logits_to_keep=1).past_key_values
+    enc = model.forward_inputs(list(base))
+    prefix, last = model.prefix_cache(enc, enc["input_ids"].shape[1] - 1)
     b, L = len(base), model.n_layers
     per = max(1, max_rows // b)
     out = []
@@ -369,13 +368,9 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
         layers = list(range(first, min(L, first + per)))
         edits = [patch((site, layer), cf[site, layer][:, -1].clone(), pos=-1,
                        rows=slice(i * b, (i + 1) * b)) for i, layer in enumerate(layers)]
-        past = copy.deepcopy(prefix)
-        past.batch_select_indices(torch.arange(b).repeat(len(layers)))      # copy i: rows i*b .. (i+1)*b
-        last = {"input_ids": enc["input_ids"][:, -1:], "position_ids": enc["position_ids"][:, -1:],
-                "attention_mask": enc["attention_mask"]}
-        inputs = {k: v.repeat(len(layers), 1) for k, v in last.items()}
+        copies = torch.arange(b).repeat(len(layers))      # copy i: rows i*b .. (i+1)*b
         with torch.no_grad(), model.trace(edits=edits):
-            logits = model.hf(**inputs, past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model.forward_last_from(prefix, copies, {k: v.repeat(len(layers), 1) for k, v in last.items()})
         out.append(logits.view(len(layers), b, -1))
     return torch.cat(out)
 

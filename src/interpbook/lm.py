@@ -3,6 +3,7 @@ its anatomy, with tokenisation helpers and traced forward passes."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -188,6 +189,35 @@ class Model:
         (``forward_inputs``, maybe repeated), under whatever trace or mask edit the caller
         has entered."""
         return self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    def prefix_cache(self, inputs: dict, end: int, *, edits: Sequence[Edit] = ()) -> tuple[object, dict]:
+        """Split ready ``inputs`` (:meth:`forward_inputs`) at position ``end``: the keys and
+        values of the positions before it (one no-grad pass under ``edits``) and the inputs
+        of the positions from ``end`` on, for :meth:`forward_last_from`. Runs that differ
+        only from ``end`` on can share the first part: attention is causal, so nothing done
+        at later positions changes earlier ones."""
+        n = inputs["input_ids"].shape[1]
+        if not 0 < end < n:
+            raise ValueError(f"end must split the {n} positions into two non-empty parts (0 < end < {n}); "
+                             f"got {end}.")
+        with torch.no_grad(), self.trace(edits=edits):
+            past = self.hf(**{k: v[:, :end] for k, v in inputs.items()}, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        rest = {"input_ids": inputs["input_ids"][:, end:], "position_ids": inputs["position_ids"][:, end:],
+                "attention_mask": inputs["attention_mask"]}
+        return past, rest
+
+    def forward_last_from(self, past, rows: torch.Tensor, rest: dict) -> torch.Tensor:
+        """Last-position logits ``[len(rows), vocab]`` of ``rest`` (from :meth:`prefix_cache`,
+        one row per entry of ``rows``) run on top of the rows ``rows`` of the cache ``past``
+        (copied, so ``past`` serves again), under whatever trace the caller has entered.
+        Positions in edits count from the first position of ``rest``."""
+        if rest["input_ids"].shape[0] != len(rows):
+            raise ValueError(f"rest has {rest['input_ids'].shape[0]} rows but {len(rows)} cache rows were chosen; "
+                             "repeat rest to one row per chosen cache row.")
+        past = copy.deepcopy(past)
+        past.batch_select_indices(rows)
+        return self.hf(**rest, past_key_values=past, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def generate(self, prompt: str, max_new_tokens: int = 20, *, edits: Sequence[Edit] = (),
                  do_sample: bool = False, temperature: float = 1.0, seed: int | None = 0) -> str:

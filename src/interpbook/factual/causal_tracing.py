@@ -19,7 +19,9 @@ differences and the corrupted probability is their mean.
 
 Batched: a restored run differs from the corrupted one only in the rows it restores, so
 :func:`trace_fact` packs many restorations into one forward pass (rows = restoration x
-noise sample), each restored by a row-selective edit (:mod:`interpbook.tracing`).
+noise sample), each restored by a row-selective edit (:mod:`interpbook.tracing`), and
+only from the restored position on: the positions before it are the corrupted run's,
+computed once.
 Positions before the subject are never corrupted (the model is causal), so restoring them
 changes nothing: they get the corrupted probability without a forward pass.
 """
@@ -103,6 +105,17 @@ def _restore_fn(clean_value: torch.Tensor, rows: list[int], pos: list[int]):
     return fn
 
 
+def _add_noise(positions: torch.Tensor, noise: torch.Tensor):
+    """Add ``noise[row, i]`` to the embedding at ``positions[i]`` of every row."""
+
+    def fn(x):
+        out = x.clone()
+        out[:, positions] = x[:, positions] + noise.to(x)
+        return out
+
+    return fn
+
+
 def restored_probs(model, prompt: str, target: int, subject: list[int], noise: torch.Tensor,
                    restorations: Sequence[tuple[str, Sequence[int], int]], clean_cache, *,
                    batch_size: int = 256) -> torch.Tensor:
@@ -111,37 +124,51 @@ def restored_probs(model, prompt: str, target: int, subject: list[int], noise: t
     ``noise`` is ``[n_samples, len(subject), d_model]`` added to the subject's embeddings;
     a restoration ``(site, layers, pos)`` sets ``site`` at each of ``layers`` and position
     ``pos`` (an int or a list) back to ``clean_cache``'s value; an empty layer list restores
-    nothing (the corrupted run). Returns ``[len(restorations)]``."""
+    nothing (the corrupted run). Returns ``[len(restorations)]``.
+
+    A restoration cannot change the positions before its first one, so the corrupted run's
+    keys and values there are computed once per noise sample (:meth:`~interpbook.lm.Model.prefix_cache`)
+    and the restored runs process only the positions from there on."""
     n_samples = noise.shape[0]
     enc = model.forward_inputs(prompt)
+    n_pos = enc["input_ids"].shape[1]
     per_pass = max(1, batch_size // n_samples)
-    out = []
     subj = torch.tensor(subject)
-    for start in range(0, len(restorations), per_pass):
-        chunk = restorations[start:start + per_pass]
-        rows = len(chunk) * n_samples
-        inputs = {k: v.repeat(rows, 1) for k, v in enc.items()}
-        full_noise = noise.repeat(len(chunk), 1, 1)
-
-        def corrupt(x, full_noise=full_noise):
-            out = x.clone()
-            out[:, subj] = x[:, subj] + full_noise.to(x)
-            return out
-
-        plan: dict[tuple[str, int], tuple[list, list]] = {}
-        for c, (site, layers, pos) in enumerate(chunk):
-            for layer in layers:
-                for q in [pos] if isinstance(pos, int) else pos:
-                    r, p = plan.setdefault((site, layer), ([], []))
-                    r += range(c * n_samples, (c + 1) * n_samples)
-                    p += [q] * n_samples
-        edits = [edit("embed", corrupt)] + [edit(key, _restore_fn(clean_cache[key], r, p))
-                                            for key, (r, p) in plan.items()]
-        with torch.no_grad(), model.trace(edits=edits):
-            logits = model.forward_last(inputs)
-        prob = logits.float().softmax(-1)[:, target]
-        out.append(prob.view(len(chunk), n_samples).mean(1))
-    return torch.cat(out)
+    groups: dict[int, list[int]] = {}
+    for i, (_, layers, pos) in enumerate(restorations):
+        first = min(q % n_pos for q in ([pos] if isinstance(pos, int) else pos)) if layers else n_pos - 1
+        groups.setdefault(first, []).append(i)
+    out = torch.empty(len(restorations))
+    for start, members in sorted(groups.items()):
+        early = subj < start
+        if start > 0:
+            samples = {k: v.repeat(n_samples, 1) for k, v in enc.items()}
+            prefix, rest = model.prefix_cache(samples, start, edits=[edit("embed", _add_noise(subj[early], noise[:, early]))])
+            rest = {k: v[:1] for k, v in rest.items()}
+        else:
+            prefix, rest = None, enc
+        for first in range(0, len(members), per_pass):
+            chunk = members[first:first + per_pass]
+            plan: dict[tuple[str, int], tuple[list, list]] = {}
+            for c, i in enumerate(chunk):
+                site, layers, pos = restorations[i]
+                for layer in layers:
+                    for q in [pos] if isinstance(pos, int) else pos:
+                        r, p = plan.setdefault((site, layer), ([], []))
+                        r += range(c * n_samples, (c + 1) * n_samples)
+                        p += [q % n_pos - start] * n_samples
+            edits = [edit("embed", _add_noise(subj[~early] - start, noise[:, ~early].repeat(len(chunk), 1, 1)))]
+            edits += [edit(key, _restore_fn(clean_cache[key][:, start:], r, p)) for key, (r, p) in plan.items()]
+            inputs = {k: v.repeat(len(chunk) * n_samples, 1) for k, v in rest.items()}
+            with torch.no_grad(), model.trace(edits=edits):
+                if prefix is None:
+                    logits = model.forward_last(inputs)
+                else:
+                    rows = torch.arange(n_samples).repeat(len(chunk))
+                    logits = model.forward_last_from(prefix, rows, inputs)
+            prob = logits.float().softmax(-1)[:, target]
+            out[chunk] = prob.view(len(chunk), n_samples).mean(1)
+    return out
 
 
 def trace_fact(model, fact: Fact, *, noise: float, n_samples: int = 5, kinds: Sequence[str] = KINDS,
