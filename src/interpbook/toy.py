@@ -459,13 +459,22 @@ def steps_to(steps: torch.Tensor, values: torch.Tensor, threshold: float) -> int
 def mean_ablate_heads(model: Model, batch: dict[str, torch.Tensor], heads: Sequence[tuple[int, int]]) -> list:
     """Edits that replace the outputs (``attn_z``) of ``heads`` by their mean over ``batch``
     at each position, so a head keeps its average contribution but loses its information."""
+    return _mean_edits(_mean_z(model, batch), heads)
+
+
+def _mean_z(model: Model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every layer's head outputs averaged over ``batch`` ``[1, pos, head, d_head]``."""
     run = model.run(batch["ids"], cache="attn_z")
+    return [run.cache["attn_z", layer].mean(0, keepdim=True) for layer in range(model.anatomy.n_layers)]
+
+
+def _mean_edits(means: list[torch.Tensor], heads: Sequence[tuple[int, int]]) -> list:
     by_layer: dict[int, list[int]] = {}
     for layer, h in heads:
         by_layer.setdefault(int(layer), []).append(int(h))
 
     def make(layer: int, hs: list[int]):
-        mean = run.cache["attn_z", layer].mean(0, keepdim=True)
+        mean = means[layer]
         idx = torch.tensor(hs)
 
         def fn(z: torch.Tensor) -> torch.Tensor:
@@ -493,10 +502,10 @@ def circuit_size(model: Model, batch: dict[str, torch.Tensor], keep: float = 0.9
     smallest such set), in the spirit of the circuit sizes of Tigges et al. (2024)."""
     a = model.anatomy
     heads = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
-    full = accuracy(model, batch)
-    cost = {hd: full - accuracy(model, batch, mean_ablate_heads(model, batch, [hd])) for hd in heads}
+    full, means = accuracy(model, batch), _mean_z(model, batch)        # the means once, for every ablation
+    cost = {hd: full - accuracy(model, batch, _mean_edits(means, [hd])) for hd in heads}
     order = sorted(heads, key=lambda hd: -cost[hd])
     for k in range(1, len(order) + 1):
-        if accuracy(model, batch, mean_ablate_heads(model, batch, order[k:])) >= keep * full:
+        if accuracy(model, batch, _mean_edits(means, order[k:])) >= keep * full:
             return k, order
     return len(order), order
