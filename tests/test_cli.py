@@ -195,3 +195,22 @@ def test_export_setup_cell_installs_from_the_checkout_or_the_published_book(tmp_
     assert f"install -q https://book.example/ib/_static/{starters.wheel_name()}" in setup
     assert cli.main(["export", str(PAGE), "-o", str(tmp_path / "c"), "--install", "interpbook==9"]) == 0
     assert "install -q interpbook==9" in nbformat.read(tmp_path / "c" / "exercise_page.ipynb", as_version=4).cells[1].source
+
+
+def test_kernel_startup_registers_only_when_asked():
+    """Importing the startup module (as the API pages do) registers nothing; called with a
+    shell, it registers one post-cell callback where glibc has malloc_trim."""
+    from interpbook import kernel_startup
+
+    class Events:
+        def __init__(self):
+            self.callbacks = []
+
+        def register(self, event, fn):
+            self.callbacks.append((event, fn))
+
+    shell = type("Shell", (), {"events": Events()})()
+    registered = kernel_startup.release_freed_memory_after_cells(shell)
+    assert [e for e, _ in shell.events.callbacks] == (["post_run_cell"] if registered else [])
+    if registered:
+        shell.events.callbacks[0][1](None)  # runs malloc_trim without error

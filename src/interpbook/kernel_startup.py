@@ -5,20 +5,23 @@ freed back to the operating system.
 glibc keeps freed blocks for reuse, so a kernel that once held a large autograd graph stays
 that large until the page ends, while the build runs two kernels side by side.
 ``malloc_trim(0)`` returns the free pages (measured on the edge-attribution page: 2.9 GB
-resident after its heaviest cell without it, 1.1 GB with it, at no measurable cost). Where
-the C library has no ``malloc_trim`` (not glibc), nothing is registered.
+resident after its heaviest cell without it, 1.1 GB with it, at no measurable cost).
 """
 
 
-def _release_freed_memory_after_cells() -> None:
+def release_freed_memory_after_cells(shell) -> bool:
+    """Register ``malloc_trim(0)`` to run after every cell of the IPython ``shell``; False
+    (and nothing registered) where the C library has none (not glibc)."""
     import ctypes
 
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return
-    get_ipython().events.register("post_run_cell", lambda result: trim(0))  # noqa: F821 (IPython's global)
+        return False
+    shell.events.register("post_run_cell", lambda result: trim(0))
+    return True
 
 
-_release_freed_memory_after_cells()
-del _release_freed_memory_after_cells
+if __name__ == "__main__":  # executed as a kernel's startup file (importing it does nothing)
+    release_freed_memory_after_cells(get_ipython())  # noqa: F821 (IPython's global)
+    del release_freed_memory_after_cells
