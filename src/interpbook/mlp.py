@@ -25,6 +25,7 @@ import torch
 from .anatomy import norm_as_linear
 from .lenses import direct_logit_attribution, top_tokens
 from .lm import Model, Prompts
+from .tracing import edit
 
 __all__ = [
     "folded_unembedding", "value_logits", "value_top_tokens", "TopActivations", "Context",
@@ -165,18 +166,25 @@ def top_activations(model: Model, windows: torch.Tensor, layers: Sequence[int], 
     idx = torch.zeros((len(layers), d, k), dtype=torch.long)
     valid = torch.zeros(seq, dtype=torch.bool)
     valid[skip_first: seq - 1] = True
+
+    def merge(i: int, flat: torch.Tensor):
+        """An edit that leaves layer ``layers[i]``'s activations as they are and merges
+        them into its running top-k, so that no layer's activations outlive its hook."""
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            act = x.detach().float().cpu()[:, valid].reshape(-1, d).T  # [d, b*valid]
+            best = (act.abs() if by == "abs" else act).topk(min(k, act.shape[1]), dim=1).indices
+            cand_v = torch.cat([vals[i], act.gather(1, best)], 1)
+            cand_i = torch.cat([idx[i], flat[best]], 1)
+            top = (cand_v.abs() if by == "abs" else cand_v).topk(k, dim=1).indices
+            vals[i], idx[i] = cand_v.gather(1, top), cand_i.gather(1, top)
+            return x
+        return fn
+
     for start, batch in _batches(windows, batch_size, progress, "top activations"):
-        run = model.run(batch, cache=[("mlp_act", l) for l in layers], stop_early=True)
-        b = batch.shape[0]
-        flat = (start + torch.arange(b))[:, None] * seq + torch.arange(seq)[None]  # [b, seq]
+        flat = (start + torch.arange(batch.shape[0]))[:, None] * seq + torch.arange(seq)[None]  # [b, seq]
         flat = flat[:, valid].reshape(-1)
-        for i, l in enumerate(layers):
-            act = run.cache["mlp_act", l].float().cpu()[:, valid].reshape(-1, d).T  # [d, b*valid]
-            cand_v = torch.cat([vals[i], act], 1)
-            cand_i = torch.cat([idx[i], flat.expand(d, -1)], 1)
-            score = cand_v.abs() if by == "abs" else cand_v
-            top = score.topk(k, dim=1)
-            vals[i], idx[i] = cand_v.gather(1, top.indices), cand_i.gather(1, top.indices)
+        model.run(batch, edits=[edit(("mlp_act", l), merge(i, flat)) for i, l in enumerate(layers)],
+                  stop_early=True)
     return TopActivations(layers, vals, idx, windows)
 
 
