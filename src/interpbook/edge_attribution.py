@@ -300,10 +300,10 @@ def edge_attribution(model: Model, clean: Prompts, corrupt: Prompts, metric: Met
     enc_clean, enc_corrupt = _check_pair(model, clean, corrupt)
     with torch.no_grad():
         a_clean = sender_outputs(model, enc_clean, graph)
-        a_corrupt = sender_outputs(model, enc_corrupt, graph)
-    e_clean, e_corrupt = a_clean[0].clone(), a_corrupt[0].clone()                # the embeddings, for EAP-IG
-    diff = (a_corrupt - a_clean).flatten(1)                                         # [sender, rows*pos*d]
-    del a_clean, a_corrupt
+        diff = sender_outputs(model, enc_corrupt, graph)
+        e_clean, e_corrupt = a_clean[0].clone(), diff[0].clone()                # the embeddings, for EAP-IG
+        diff = diff.sub_(a_clean).flatten(1)                                     # [sender, rows*pos*d], in place
+    del a_clean
     alphas = [1.0] if method == "eap" else [k / steps for k in range(1, steps + 1)]
     scores = torch.zeros(len(graph.receivers), len(graph.senders))
     leaves: list[torch.Tensor] = []
