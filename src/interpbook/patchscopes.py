@@ -216,7 +216,7 @@ def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: in
     if target_pos % ids.shape[1] == ids.shape[1] - 1 and ids.shape[1] > 1:
         prefix = target.hf(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]),
                            use_cache=True).past_key_values
-    results = []
+    results, logits = [], None
     for start in range(0, n_rows, batch_size):
         rows = slice(start, min(start + batch_size, n_rows))
         n = rows.stop - rows.start
@@ -231,7 +231,9 @@ def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: in
                                 attention_mask=torch.ones_like(run_ids), past_key_values=cache,
                                 use_cache=cache is not None,
                                 logits_to_keep=ids.shape[1] - target_pos % ids.shape[1] if cache is None else 1)
-            results.append(out.logits[:, 0])
+            if logits is None:  # filled batch by batch: no second copy from concatenating
+                logits = out.logits.new_empty(n_rows, out.logits.shape[-1])
+            logits[rows] = out.logits[:, 0]
         else:
             with target.trace(edits=edits):
                 gen = target.hf.generate(input_ids=run_ids, attention_mask=torch.ones_like(run_ids),
@@ -240,7 +242,7 @@ def patchscope(model: Model, source_prompt, source_layer: Layers, source_pos: in
             results += list(gen[:, ids.shape[1]:])
 
     if decode == "next_token":
-        out = torch.cat(results).reshape(n_p, n_l, -1)
+        out = logits.reshape(n_p, n_l, -1)
         if one_layer:
             out = out[:, 0]
         return out[0] if one_prompt else out
