@@ -344,7 +344,7 @@ def query_logits(model: Model, cache, query_ids: torch.Tensor, start: int | None
 # --- lookbacks: last-token patching by layer -------------------------------------------------
 
 def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual: Sequence[str], *,
-                              site: str = "resid_pre", max_rows: int = 256) -> torch.Tensor:
+                              site: str = "resid_pre", max_rows: int = 64) -> torch.Tensor:
     """Last-position logits ``[layer, batch, vocab]`` of the ``base`` prompts with the last
     token's ``site`` at one layer replaced by the ``counterfactual`` prompts' (row ``l``:
     layer ``l``).
@@ -353,7 +353,9 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
     causal), so the base prompts' keys and values up to the last token are computed once
     and every patched run is a one-token pass on top of them: batches of at most
     ``max_rows`` rows (copies of the base batch, one per layer, each patched at its own
-    layer)."""
+    layer). Every row holds its own copy of the prefix's keys and values, so larger batches
+    cost memory and gain nothing on a CPU (16 prompts of 50 tokens on SmolLM2: 0.35 GB above
+    the model with 64 rows, 0.80 GB with 256, in about the same time)."""
     if len(base) != len(counterfactual):
         raise ValueError(f"base and counterfactual need one prompt each per row; got {len(base)} and "
                          f"{len(counterfactual)}.")
@@ -363,7 +365,7 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
     prefix, last = model.prefix_cache(enc, enc["input_ids"].shape[1] - 1)
     b, L = len(base), model.n_layers
     per = max(1, max_rows // b)
-    out = []
+    out = None
     for first in range(0, L, per):
         layers = list(range(first, min(L, first + per)))
         edits = [patch((site, layer), cf[site, layer][:, -1].clone(), pos=-1,
@@ -371,8 +373,10 @@ def patch_last_token_by_layer(model: Model, base: Sequence[str], counterfactual:
         copies = torch.arange(b).repeat(len(layers))      # copy i: rows i*b .. (i+1)*b
         with torch.no_grad(), model.trace(edits=edits):
             logits = model.forward_last_from(prefix, copies, {k: v.repeat(len(layers), 1) for k, v in last.items()})
-        out.append(logits.view(len(layers), b, -1))
-    return torch.cat(out)
+        if out is None:  # filled batch by batch: no second copy from concatenating
+            out = logits.new_empty(L, b, logits.shape[-1])
+        out[first:first + len(layers)] = logits.view(len(layers), b, -1)
+    return out
 
 
 #: Outcome labels of :func:`lookback_outcomes`, in code order 0..3.
