@@ -14,23 +14,25 @@ heaviest first, and each page's heaviest cells::
 
 Uses ``$INTERPBOOK_CACHE`` as it is: run it after a build, so that converted models and
 trained artefacts are on disk, and training does not count as a page's memory (Linux only).
+With ``--write``, each page's peak goes into ``book/_ext/page_peaks.json``, where the
+parallel build reads which pages must not run beside each other.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 import time
 from pathlib import Path
 
-import jupytext
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 from interpbook.cli import kernel_environment, kernel_threads  # noqa: E402
-from interpbook_parallel import executes_code  # noqa: E402
+from interpbook.starters import book_notebook  # noqa: E402
+from interpbook_parallel import PEAKS, executes_code  # noqa: E402
 
 GIB = 2**30
 
@@ -65,7 +67,7 @@ class MeasuringClient(NotebookClient):
 
 
 def measure(page: Path) -> list[dict]:
-    nb = jupytext.read(page)
+    nb = book_notebook(page)  # exercise tags mapped as in the build (starter cells skipped)
     client = MeasuringClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(page.parent)}})
     client.execute()
     return client.cells
@@ -83,6 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", help="pages (.md) or folders of pages")
     parser.add_argument("--cells", type=int, default=2, help="heaviest cells to show per page")
+    parser.add_argument("--write", action="store_true",
+                        help=f"record each page's peak in {PEAKS.relative_to(ROOT)} (keeps pages not measured)")
     args = parser.parse_args()
     kernel_threads(2)
     kernel_environment()
@@ -92,6 +96,10 @@ def main() -> None:
         cells = measure(page)
         results.append((page, cells, time.perf_counter() - start))
         top = max(cells, key=lambda c: c["peak"])
+        if args.write:
+            known = json.loads(PEAKS.read_text()) if PEAKS.is_file() else {}
+            known[page.relative_to(ROOT / "book").with_suffix("").as_posix()] = round(top["peak"] / GIB, 2)
+            PEAKS.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
         print(f"{page.relative_to(ROOT)}: peak {top['peak'] / GIB:.2f} GiB (cell {top['index']}), "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     print(f"\n| page | peak GiB | left after last cell GiB | seconds | heaviest cells (index: peak GiB, first line) |")

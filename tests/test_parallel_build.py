@@ -17,7 +17,9 @@ from sphinx.util.parallel import ParallelTasks, make_chunks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book" / "_ext"))
 from interpbook_parallel import (  # noqa: E402
+    HEAVY_GIB,
     MEASURED,
+    PEAKS,
     balance_pages,
     cached_seconds,
     dispatch_order,
@@ -71,15 +73,37 @@ def test_chunks_carry_equal_time_heaviest_first(n_docs, n_code, nproc):
     assert _finish(order, seconds, nproc) <= sum(seconds.values()) / nproc + slack
 
 
+@pytest.mark.parametrize("n_docs,n_code,n_heavy", [(60, 40, 5), (45, 30, 1), (20, 20, 12)])
+def test_heavy_pages_share_one_chunk(n_docs, n_code, n_heavy):
+    rng = random.Random(n_heavy)
+    docs = [f"{i:02d}-doc" for i in range(n_docs)]
+    seconds = {d: rng.uniform(10, 150) for d in docs[:n_code]}
+    heavy = set(rng.sample(docs[:n_code], n_heavy))
+    order = balance_pages(docs, seconds, 2, heavy)
+    assert sorted(order) == docs
+    chunks = make_chunks(order, 2)
+    assert [len(c) for c in chunks] == [len(c) for c in make_chunks(docs, 2)]
+    holding = [c for c in chunks if heavy & set(c)]
+    if n_heavy <= max(len(c) for c in chunks):
+        assert len(holding) == 1                                      # never two heavy pages at once
+    else:                                                             # more than a chunk holds: one chunk is all heavy
+        assert any(set(c) <= heavy for c in holding)
+
+
 def test_the_measured_book_finishes_sooner_than_in_name_order():
     """On the page times measured on a cold SmolLM2 build, the rearranged pages finish at
-    least as soon as the sorted ones, within one page of the ideal."""
+    least as soon as the sorted ones, within one page of the ideal, with the measured
+    heavy pages in one chunk."""
     seconds = json.loads(MEASURED.read_text())
+    heavy = {d for d, gib in json.loads(PEAKS.read_text()).items() if gib >= HEAVY_GIB}
+    assert heavy <= set(seconds), "page_peaks.json names pages that page_seconds.json does not"
     docs = sorted(seconds) + [f"{c}/index" for c in {d.split("/")[0] for d in seconds}] + ["index", "schedule"]
     docs.sort()
-    balanced = _finish(balance_pages(docs, seconds, 2), seconds, 2)
+    order = balance_pages(docs, seconds, 2, heavy)
+    balanced = _finish(order, seconds, 2)
     assert balanced <= _finish(docs, seconds, 2)
     assert balanced <= sum(seconds.values()) / 2 + max(seconds.values())
+    assert sum(bool(heavy & set(c)) for c in make_chunks(order, 2)) <= 1
 
 
 def test_expected_seconds_prefer_the_cache_then_the_measurements_then_the_median():

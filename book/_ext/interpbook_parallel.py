@@ -13,7 +13,10 @@ the processes finish together:
 * each chunk gets a target time from a simulation of the pool (a process that will read
   more chunks gets smaller ones), and the pages are placed longest first, each into the
   chunk furthest below its target that still has room (chunk sizes stay as Sphinx made
-  them).
+  them);
+* the memory-heavy pages (a peak of at least :data:`HEAVY_GIB` in ``page_peaks.json``,
+  measured by ``bench/page_memory.py``) are placed first, all into one chunk, so that one
+  process runs them one after another and two of them never run at once.
 
 It also gives every kernel ``cores // N`` threads (two kernels with a thread per core each
 beat one kernel with two; oversubscribed OpenMP threads wait on each other), and creates
@@ -35,6 +38,10 @@ from sphinx.environment import BuildEnvironment
 from sphinx.util.parallel import make_chunks
 
 MEASURED = Path(__file__).with_name("page_seconds.json")
+PEAKS = Path(__file__).with_name("page_peaks.json")
+HEAVY_GIB = 1.8
+"""A page whose kernel peaks at this much resident memory or more (model included) is
+heavy: two such kernels side by side, with Sphinx's own processes, would pass 4 GiB."""
 
 
 def executes_code(path: Path) -> bool:
@@ -67,16 +74,21 @@ def chunk_targets(n_chunks: int, nproc: int, total: float) -> list[float]:
     return targets
 
 
-def balance_pages(docnames: list[str], seconds: dict[str, float], nproc: int) -> list[str]:
+def balance_pages(docnames: list[str], seconds: dict[str, float], nproc: int,
+                  heavy: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """``docnames`` reordered so that the processes reading Sphinx's chunks
     (``make_chunks``) all finish at about the same time, given each page's expected
-    ``seconds`` (pages missing from it cost nothing); a permutation of ``docnames``."""
+    ``seconds`` (pages missing from it cost nothing); a permutation of ``docnames``.
+    The ``heavy`` pages go into one chunk (as many as it holds), the one with the most
+    time to fill."""
     sizes = [len(chunk) for chunk in make_chunks(docnames, nproc)]
-    costly = sorted((d for d in docnames if seconds.get(d, 0) > 0), key=lambda d: -seconds[d])
+    costly = sorted((d for d in docnames if seconds.get(d, 0) > 0), key=lambda d: (d not in heavy, -seconds[d]))
     deficit = chunk_targets(len(sizes), nproc, sum(seconds[d] for d in costly))
+    home = max(range(len(sizes)), key=lambda i: (deficit[i], -i))
     buckets: list[list[str]] = [[] for _ in sizes]
     for doc in costly:
-        best = max((i for i, b in enumerate(buckets) if len(b) < sizes[i]), key=lambda i: (deficit[i], -i))
+        room = [i for i, b in enumerate(buckets) if len(b) < sizes[i]]
+        best = home if doc in heavy and home in room else max(room, key=lambda i: (deficit[i], -i))
         buckets[best].append(doc)
         deficit[best] -= seconds[doc]
     rest = iter(d for d in docnames if seconds.get(d, 0) <= 0)
@@ -117,7 +129,9 @@ def reorder(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> None:
     cache = getattr(app.config, "nb_execution_cache_path", None)
     cached = cached_seconds(cache, Path(app.srcdir)) if cache else {}
     measured = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
-    docnames[:] = balance_pages(docnames, expected_seconds(executing, cached, measured), app.parallel)
+    peaks = json.loads(PEAKS.read_text()) if PEAKS.is_file() else {}
+    heavy = {d for d in executing if peaks.get(d, 0) >= HEAVY_GIB}
+    docnames[:] = balance_pages(docnames, expected_seconds(executing, cached, measured), app.parallel, heavy)
 
 
 def create_execution_cache(path: str | Path) -> Path:
