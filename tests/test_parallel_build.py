@@ -44,7 +44,7 @@ def _finish(order: list[str], seconds: dict[str, float], nproc: int) -> float:
 def _started(arg):
     chunk, folder = arg
     (Path(folder) / f"{time.monotonic():.6f}-{chunk}").touch()
-    time.sleep(0.3)
+    time.sleep(0.2 + 0.15 * chunk)   # unequal, so no two chunks start at the same moment (their order is then a race)
 
 
 @pytest.mark.parametrize("n_chunks", [1, 2, 3, 5])

@@ -39,7 +39,7 @@ from sphinx.util.parallel import make_chunks
 
 MEASURED = Path(__file__).with_name("page_seconds.json")
 PEAKS = Path(__file__).with_name("page_peaks.json")
-HEAVY_GIB = 1.8
+HEAVY_GIB = 1.9
 """A page whose kernel peaks at this much resident memory or more (model included) is
 heavy: two such kernels side by side, with Sphinx's own processes, would pass 4 GiB."""
 
