@@ -5,7 +5,8 @@ folder: first cold (empty execution cache and, unless ``--keep-artifacts``, an e
 ``INTERPBOOK_CACHE``, so the model is converted and the SAE, tuned lens etc. are trained
 again), then again with nothing changed. While a build runs, the resident memory of
 its whole process tree (Sphinx, its reader processes and their kernels) is sampled
-twice a second. Prints wall times, the peaks of the tree's summed RSS and PSS, the
+twice a second. Prints wall times, the peaks of the tree's summed RSS and PSS and of the
+machine's memory in use (MemTotal - MemAvailable, above where it stood before), the
 largest processes, and each chapter's page seconds from the execution cache::
 
     .venv/bin/python bench/book_build.py                   # SmolLM2, -j 2
@@ -49,18 +50,28 @@ def tree_memory(proc: psutil.Process) -> list[tuple[int, int, int, str]]:
     return rows
 
 
+def machine_in_use() -> int:
+    """Memory the whole machine cannot hand out (MemTotal - MemAvailable), in bytes: a check
+    on the tree's PSS from the kernel's side, which also sees anything else running."""
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
+
+
 def build(out: Path, env: dict, jobs: int) -> dict:
-    """One strict build: its wall seconds, the peaks of the tree's summed RSS and PSS, each
-    process's peak RSS, and its exit status (``failed``, 0 when it passed)."""
+    """One strict build: its wall seconds, the peaks of the tree's summed RSS and PSS and of
+    the machine's memory in use above where it stood before, each process's peak RSS, and its
+    exit status (``failed``, 0 when it passed)."""
     cmd = [sys.executable, "-m", "sphinx", "-j", str(jobs), "-W", "--keep-going", "-n", "-q",
            "-b", "html", str(ROOT / "book"), str(out)]
     start = time.perf_counter()
+    before = machine_in_use()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    watched, peaks, each = psutil.Process(proc.pid), {"rss": 0, "pss": 0}, {}
+    watched, peaks, each = psutil.Process(proc.pid), {"rss": 0, "pss": 0, "machine": 0}, {}
     while proc.poll() is None:
         rows = tree_memory(watched)
         peaks["rss"] = max(peaks["rss"], sum(r[1] for r in rows))
         peaks["pss"] = max(peaks["pss"], sum(r[2] for r in rows))
+        peaks["machine"] = max(peaks["machine"], machine_in_use() - before)
         for pid, rss, _, what in rows:
             each[pid, what] = max(each.get((pid, what), 0), rss)
         time.sleep(0.5)
@@ -89,7 +100,7 @@ def main() -> None:
     again = build(work / "html", env, args.jobs) if not cold["failed"] else None
     gib = 2**30
     print(f"cold build        {cold['wall'] / 60:6.1f} min   peak memory of the tree: RSS {cold['rss'] / gib:5.2f} "
-          f"GiB, PSS {cold['pss'] / gib:5.2f} GiB")
+          f"GiB, PSS {cold['pss'] / gib:5.2f} GiB; machine's memory in use: +{cold['machine'] / gib:.2f} GiB")
     if again:
         print(f"no-change rebuild {again['wall']:6.1f} s     peak memory of the tree: RSS {again['rss'] / gib:5.2f} "
               f"GiB, PSS {again['pss'] / gib:5.2f} GiB")
