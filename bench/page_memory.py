@@ -2,8 +2,8 @@
 
 ``bench/book_build.py`` sees the build's whole process tree, and a kernel only by its
 chapter folder, so it cannot say which page or cell holds the peak. This script executes
-each page named, alone, in a fresh kernel prepared as the book build prepares it (one
-thread, the same environment and ``PYTHONSTARTUP``), and before each cell resets the
+each page named, alone, in a fresh kernel prepared as the book build prepares it (the
+threads of one of its two kernels, the same environment and ``PYTHONSTARTUP``), and before each cell resets the
 kernel's high-water mark of resident memory (``/proc/<pid>/clear_refs`` <- 5). After the
 cell it reads the high-water mark (``VmHWM``: the most the cell needed at once, model
 included) and the resident memory left (``VmRSS``). Prints a table of the pages,

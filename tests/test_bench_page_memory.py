@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-page_memory = pytest.importorskip("page_memory")
+import page_memory  # noqa: E402
 
 PAGE = """---
 jupytext:
